@@ -1,0 +1,189 @@
+"""Typed configs: dataclasses filled from a small YAML file plus ``key=value`` overrides.
+
+One loader serves every stage (``pneumonia train``, the Tune trainable, serving), so a config
+that trained a model can be written into its metadata and read back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit its dataclass."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where the images are and how the training pipeline feeds them."""
+
+    path: str = ""  # data dir or .npz; empty = $PNEUMONIA_DATA
+    val_fraction: float = 0.15  # carved from train by patient; rounded to 1/k (k folds)
+    seed: int = 42
+    augment: float = 1.0  # strength of rotation/shift/zoom/brightness/contrast; 0 = off
+    class_balance: Literal["class_weight", "oversample", "none"] = "class_weight"
+    max_train_images: int = 0  # stratified subset of train for smoke runs; 0 = all
+    max_val_images: int = 0  # stratified subset of val for smoke runs; 0 = all
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction <= 0.5:
+            raise ValueError(f"val_fraction must lie in (0, 0.5], got {self.val_fraction}")
+        if self.augment < 0:
+            raise ValueError(f"augment must be >= 0, got {self.augment}")
+        if self.max_train_images < 0 or self.max_val_images < 0:
+            raise ValueError("max_train_images and max_val_images must be >= 0")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """One network of either family; fields a family does not use are ignored by it."""
+
+    family: Literal["cnn", "inception"] = "cnn"
+    image_size: int = 128
+    dropout: float = 0.3
+    dense_units: int = 128
+    # cnn
+    depth: int = 4  # conv blocks, each followed by pooling
+    base_filters: int = 32
+    filter_growth: float = 2.0  # filters of block i = base_filters * filter_growth**i
+    convs_per_block: int = 2
+    kernel_size: int = 3
+    separable: bool = False
+    # inception
+    weights: str = "none"  # "imagenet", "none" or a local weights file path
+    trainable_blocks: int = -1  # last N of InceptionV3's 11 "mixed" blocks train; -1 = all, 0 = frozen
+
+    def __post_init__(self) -> None:
+        minimum = 75 if self.family == "inception" else 16
+        if self.image_size < minimum:
+            raise ValueError(f"image_size must be >= {minimum} for {self.family}, got {self.image_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.depth < 1 or self.base_filters < 1 or self.convs_per_block < 1 or self.kernel_size < 1:
+            raise ValueError("depth, base_filters, convs_per_block and kernel_size must be >= 1")
+        if self.image_size >> self.depth < 1:
+            raise ValueError(f"depth {self.depth} pools a {self.image_size} px image below 1 px")
+        if not -1 <= self.trainable_blocks <= 11:
+            raise ValueError(f"trainable_blocks must lie in -1..11, got {self.trainable_blocks}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(hint, value, prefix=f"{where}.")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)[:1]
+        return origin(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build ``cls`` from a mapping, refusing unknown keys and values of the wrong type."""
+    hints = _field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s}; known keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML scalars) to a nested mapping."""
+    data = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. model.family=cnn)")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> T:
+    """Defaults of ``cls``, then the YAML file (if any), then the overrides."""
+    data = read_yaml(path) if path else {}
+    try:
+        return from_dict(cls, apply_overrides(data, overrides))
+    except ConfigError as exc:
+        where = f"{path}: " if path else ""
+        raise ConfigError(f"{where}{exc}") from None

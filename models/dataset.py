@@ -1,0 +1,279 @@
+"""Reading the chest X-ray data and carving the validation split by patient.
+
+Three sources are understood: the Kaggle folder layout (``train``, ``val``, ``test``), the Mendeley
+layout (``train`` and ``test`` only), each with ``NORMAL`` and ``PNEUMONIA`` class folders, and
+MedMNIST ``pneumoniamnist*.npz`` files. Images of one child must never sit on both sides of the
+train/validation boundary, or validation scores measure memory instead of generalisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+EXPECTED_LAYOUT = (
+    "DIR/train/{NORMAL,PNEUMONIA}/*.jpeg and DIR/test/{NORMAL,PNEUMONIA}/*.jpeg "
+    "(Kaggle's DIR/val/ is optional), or a MedMNIST pneumoniamnist*.npz file"
+)
+_PATIENT_PATTERNS = (
+    re.compile(r"^(person\d+)_"),  # person1234_bacteria_5678.jpeg
+    re.compile(r"^((?:NORMAL2-)?IM-\d+)-"),  # IM-0115-0001.jpeg, NORMAL2-IM-0927-0001.jpeg
+)
+
+
+class DataLayoutError(ValueError):
+    """The data directory is empty or not in a layout this project reads."""
+
+
+def patient_id(filename: str) -> str:
+    """The patient a Kermany file name belongs to; unknown patterns count as their own patient."""
+    name = os.path.basename(filename)
+    for pattern in _PATIENT_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return match.group(1)
+    return os.path.splitext(name)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split: labels (0 = NORMAL, 1 = PNEUMONIA) with either file paths or decoded images."""
+
+    name: str
+    labels: np.ndarray
+    patients: np.ndarray
+    paths: np.ndarray | None = None
+    images: np.ndarray | None = None  # uint8, (N, H, W) or (N, H, W, C)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.labels == i).sum()) for i, name in enumerate(CLASS_NAMES)}
+
+    def subset(self, index: np.ndarray, name: str | None = None) -> Split:
+        return Split(
+            name=name or self.name,
+            labels=self.labels[index],
+            patients=self.patients[index],
+            paths=None if self.paths is None else self.paths[index],
+            images=None if self.images is None else self.images[index],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSplits:
+    train: Split
+    val: Split
+    test: Split
+    layout: str  # "kaggle", "mendeley" or "medmnist"
+    source: str
+    unreadable: tuple[str, ...]
+    fingerprint: str
+
+    @property
+    def patient_overlap(self) -> int:
+        return len(set(self.train.patients) & set(self.val.patients))
+
+
+def resolve_data_path(path: str | os.PathLike | None) -> Path:
+    """The given path, else ``$PNEUMONIA_DATA``; a clear error when neither is set."""
+    chosen = str(path) if path else os.environ.get("PNEUMONIA_DATA", "")
+    if not chosen:
+        raise DataLayoutError(
+            "no data given: pass --data DIR (or data.path in the config) or set PNEUMONIA_DATA; "
+            f"expected {EXPECTED_LAYOUT}"
+        )
+    resolved = Path(chosen).expanduser()
+    if not resolved.exists():
+        raise DataLayoutError(f"data path does not exist: {resolved}; expected {EXPECTED_LAYOUT}")
+    return resolved
+
+
+def detect_layout(root: Path) -> tuple[str, Path]:
+    """Return (layout, path): the layout name and the folder or file that holds the splits."""
+    if root.is_file():
+        if root.suffix == ".npz":
+            return "medmnist", root
+        raise DataLayoutError(f"{root} is a file but not an .npz; expected {EXPECTED_LAYOUT}")
+    if (root / "train").is_dir():
+        return ("kaggle" if (root / "val").is_dir() else "mendeley"), root
+    npz = sorted(root.glob("pneumoniamnist*.npz"))
+    if npz:
+        # Prefer the largest resolution when several sizes sit in one cache dir.
+        return "medmnist", max(npz, key=lambda p: p.stat().st_size)
+    nested = [p for p in root.iterdir() if p.is_dir() and (p / "train").is_dir() and p.name != "__MACOSX"]
+    if len(nested) == 1:  # Kaggle's zip nests chest_xray/chest_xray/...
+        return detect_layout(nested[0])
+    raise DataLayoutError(f"no chest X-ray data found in {root}; expected {EXPECTED_LAYOUT}")
+
+
+def _list_folder_split(folder: Path) -> tuple[list[str], list[int]]:
+    missing = [c for c in CLASS_NAMES if not (folder / c).is_dir()]
+    if missing:
+        raise DataLayoutError(f"{folder} lacks class folder(s) {', '.join(missing)}; expected {EXPECTED_LAYOUT}")
+    paths, labels = [], []
+    for label, name in enumerate(CLASS_NAMES):
+        for entry in sorted(os.scandir(folder / name), key=lambda e: e.name):
+            if entry.is_file() and not entry.name.startswith("."):
+                paths.append(entry.path)
+                labels.append(label)
+    return paths, labels
+
+
+def _readable(path: str) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            if image.format not in {"JPEG", "PNG", "BMP", "GIF"}:
+                return False
+            image.load()
+        return True
+    except Exception:  # any decoder failure means the file cannot be trained on
+        return False
+
+
+def find_unreadable(paths: list[str], workers: int | None = None) -> list[str]:
+    """Paths that do not decode as an image the input pipeline can read (full decode, in threads)."""
+    workers = workers or min(8, len(os.sched_getaffinity(0)) * 2)
+    with ThreadPoolExecutor(workers) as pool:
+        ok = list(pool.map(_readable, paths, chunksize=64))
+    return [p for p, good in zip(paths, ok) if not good]
+
+
+def _folder_split(name: str, folder: Path, unreadable: set[str]) -> Split:
+    paths, labels = _list_folder_split(folder)
+    keep = [i for i, p in enumerate(paths) if p not in unreadable]
+    paths = [paths[i] for i in keep]
+    labels = [labels[i] for i in keep]
+    return Split(
+        name=name,
+        labels=np.asarray(labels, dtype=np.int64),
+        patients=np.asarray([patient_id(p) for p in paths]),
+        paths=np.asarray(paths),
+    )
+
+
+def _npz_split(data: np.lib.npyio.NpzFile, name: str, source: Path) -> Split:
+    try:
+        images, labels = data[f"{name}_images"], data[f"{name}_labels"]
+    except KeyError:
+        raise DataLayoutError(
+            f"{source} lacks {name}_images/{name}_labels; expected MedMNIST keys "
+            "train_images, train_labels, val_images, val_labels, test_images, test_labels"
+        ) from None
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(labels):
+        raise DataLayoutError(f"{source}: {name}_images must be uint8 (N, H, W[, C]) matching {name}_labels")
+    # MedMNIST has no patient ids; each image stands for itself and its own val split is used.
+    patients = np.asarray([f"{name}-{i:05d}" for i in range(len(labels))])
+    return Split(name=name, labels=labels, patients=patients, images=images)
+
+
+def grouped_split(pool: Split, val_fraction: float, seed: int) -> tuple[Split, Split]:
+    """Carve validation from ``pool`` by patient, stratified by class (one fold of k = 1/fraction)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    n_splits = max(2, round(1.0 / val_fraction))
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_index, val_index = next(folds.split(np.zeros(len(pool)), pool.labels, pool.patients))
+    return pool.subset(np.sort(train_index), "train"), pool.subset(np.sort(val_index), "val")
+
+
+def stratified_subset(split: Split, limit: int, seed: int) -> Split:
+    """At most ``limit`` images of ``split``, with its class balance (for smoke runs)."""
+    if not limit or limit >= len(split):
+        return split
+    from sklearn.model_selection import train_test_split
+
+    index, _ = train_test_split(
+        np.arange(len(split)), train_size=limit, stratify=split.labels, random_state=seed
+    )
+    return split.subset(np.sort(index))
+
+
+def _fingerprint(layout: str, source: Path, splits: list[Split], val_fraction: float, seed: int) -> str:
+    digest = hashlib.sha256(f"{layout}|{val_fraction}|{seed}".encode())
+    if layout == "medmnist":
+        digest.update(f"{source.name}|{source.stat().st_size}".encode())
+    for split in splits:
+        for i, label in enumerate(split.labels):
+            item = os.path.basename(split.paths[i]) if split.paths is not None else str(i)
+            digest.update(f"{split.name}/{label}/{item}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_splits(
+    path: str | os.PathLike | None = None,
+    val_fraction: float = 0.15,
+    seed: int = 42,
+    max_train_images: int = 0,
+    max_val_images: int = 0,
+    check_files: bool = True,
+) -> DataSplits:
+    """List train/val/test of any supported layout; unreadable files are reported and left out."""
+    layout, source = detect_layout(resolve_data_path(path))
+    if layout == "medmnist":
+        with np.load(source) as data:
+            train, val, test = (_npz_split(data, name, source) for name in ("train", "val", "test"))
+        unreadable: list[str] = []
+    else:
+        folders = {"train": source / "train", "test": source / "test"}
+        if not folders["test"].is_dir():
+            raise DataLayoutError(f"{source} has train/ but no test/; expected {EXPECTED_LAYOUT}")
+        listed = {name: _list_folder_split(folder)[0] for name, folder in folders.items()}
+        if layout == "kaggle":
+            listed["val"] = _list_folder_split(source / "val")[0]
+        all_paths = [p for paths in listed.values() for p in paths]
+        unreadable = find_unreadable(all_paths) if check_files else []
+        bad = set(unreadable)
+        train_pool = _folder_split("train", folders["train"], bad)
+        if layout == "kaggle":  # Kaggle's 16-image val folder joins the pool the split is carved from
+            extra = _folder_split("train", source / "val", bad)
+            train_pool = Split(
+                "train",
+                np.concatenate([train_pool.labels, extra.labels]),
+                np.concatenate([train_pool.patients, extra.patients]),
+                paths=np.concatenate([train_pool.paths, extra.paths]),
+            )
+        test = _folder_split("test", folders["test"], bad)
+        for split in (train_pool, test):
+            missing = [n for n, c in split.counts().items() if c == 0]
+            if missing:
+                raise DataLayoutError(
+                    f"{source}/{split.name} has no readable images of class {', '.join(missing)}; "
+                    f"expected {EXPECTED_LAYOUT}"
+                )
+        train, val = grouped_split(train_pool, val_fraction, seed)
+    fingerprint = _fingerprint(layout, source, [train, val, test], val_fraction, seed)
+    train = stratified_subset(train, max_train_images, seed)
+    val = stratified_subset(val, max_val_images, seed)
+    return DataSplits(train, val, test, layout, str(source), tuple(unreadable), fingerprint)
+
+
+def summarize(splits: DataSplits) -> dict:
+    """What ``pneumonia data check`` prints: counts per split and class, patients, overlap."""
+    per_split = {}
+    for split in (splits.train, splits.val, splits.test):
+        per_split[split.name] = {
+            **split.counts(),
+            "total": len(split),
+            "patients": len(set(split.patients)),
+        }
+    return {
+        "source": splits.source,
+        "layout": splits.layout,
+        "splits": per_split,
+        "train_plus_val": len(splits.train) + len(splits.val),
+        "patient_overlap": splits.patient_overlap,
+        "unreadable": list(splits.unreadable),
+        "fingerprint": splits.fingerprint,
+    }

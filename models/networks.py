@@ -1,0 +1,117 @@
+"""The two model families and their registry: ``build_model(config)``.
+
+Both take (image_size, image_size, 1) float32 images in [0, 1] (see ``models.preprocessing``) and
+return the probability of PNEUMONIA from a float32 sigmoid, whatever the mixed-precision policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from models.config import ModelConfig
+
+INCEPTION_BLOCKS = 11  # InceptionV3's "mixed0" .. "mixed10"
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be had."""
+
+
+def _head(x, config: ModelConfig):
+    import keras
+
+    x = keras.layers.Dropout(config.dropout, name="head_dropout_1")(x)
+    x = keras.layers.Dense(config.dense_units, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(config.dropout, name="head_dropout_2")(x)
+    # float32 output keeps probabilities and the loss exact under bfloat16/float16 policies.
+    return keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="pneumonia_probability")(x)
+
+
+def build_cnn(config: ModelConfig):
+    """Custom deep CNN: ``depth`` blocks of (conv, batch norm, ReLU) x ``convs_per_block`` + max pooling."""
+    import keras
+
+    inputs = keras.Input((config.image_size, config.image_size, 1), name="image")
+    x = inputs
+    for block in range(config.depth):
+        filters = max(1, round(config.base_filters * config.filter_growth**block))
+        for conv in range(config.convs_per_block):
+            # A separable conv on the 1-channel input gains nothing, so the first conv is always full.
+            layer = keras.layers.SeparableConv2D if config.separable and (block, conv) != (0, 0) else keras.layers.Conv2D
+            x = layer(filters, config.kernel_size, padding="same", use_bias=False, name=f"block{block}_conv{conv}")(x)
+            x = keras.layers.BatchNormalization(name=f"block{block}_bn{conv}")(x)
+            x = keras.layers.ReLU(name=f"block{block}_relu{conv}")(x)
+        x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(inputs, _head(x, config), name="cnn")
+
+
+def _inception_backbone(config: ModelConfig):
+    import keras
+
+    shape = (config.image_size, config.image_size, 3)
+    weights = config.weights
+    if weights.lower() == "imagenet":
+        try:
+            return keras.applications.InceptionV3(include_top=False, weights="imagenet", input_shape=shape, pooling="avg")
+        except Exception as exc:  # Keras raises a bare Exception on "URL fetch failure"
+            raise WeightsUnavailableError(
+                "could not get the ImageNet weights for InceptionV3 (Keras downloads them on first use, "
+                f"and this machine cannot reach the internet: {exc}). Use model.weights=none to train from "
+                "scratch, or model.weights=/path/to/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 "
+                "(or a .weights.h5 saved from an InceptionV3 backbone) copied from a machine that has them."
+            ) from exc
+    backbone = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=shape, pooling="avg")
+    if weights.lower() in ("none", ""):
+        return backbone
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsUnavailableError(
+            f"model.weights={weights!r} is neither 'imagenet', 'none' nor an existing weights file"
+        )
+    try:
+        backbone.load_weights(str(path))
+    except Exception as exc:
+        raise WeightsUnavailableError(f"{path} does not hold InceptionV3 backbone weights (include_top=False): {exc}") from exc
+    return backbone
+
+
+def _freeze_blocks(backbone, trainable_blocks: int) -> None:
+    """Keep only the last ``trainable_blocks`` mixed blocks trainable (-1 = all)."""
+    if trainable_blocks < 0 or trainable_blocks >= INCEPTION_BLOCKS:
+        return
+    if trainable_blocks == 0:
+        backbone.trainable = False
+        return
+    last_frozen = f"mixed{INCEPTION_BLOCKS - 1 - trainable_blocks}"
+    frozen = True
+    for layer in backbone.layers:
+        layer.trainable = not frozen
+        if layer.name == last_frozen:
+            frozen = False
+
+
+def build_inception(config: ModelConfig):
+    """InceptionV3 backbone with a new head; grayscale is repeated to 3 channels inside the model."""
+    import keras
+
+    inputs = keras.Input((config.image_size, config.image_size, 1), name="image")
+    rgb = keras.layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
+    scaled = keras.layers.Rescaling(2.0, offset=-1.0, name="to_inception_range")(rgb)  # [0, 1] -> [-1, 1]
+    backbone = _inception_backbone(config)
+    _freeze_blocks(backbone, config.trainable_blocks)
+    features = backbone(scaled)
+    return keras.Model(inputs, _head(features, config), name="inception")
+
+
+FAMILIES: dict[str, Callable] = {"cnn": build_cnn, "inception": build_inception}
+
+
+def build_model(config: ModelConfig):
+    """The registry: one uncompiled Keras model of ``config.family``."""
+    try:
+        builder = FAMILIES[config.family]
+    except KeyError:
+        raise ValueError(f"unknown model family {config.family!r}; known: {', '.join(FAMILIES)}") from None
+    return builder(config)

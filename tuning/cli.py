@@ -1,0 +1,110 @@
+"""The ``pneumonia`` command: a thin dispatcher; each subcommand calls one function of one room.
+
+Heavy imports (TensorFlow, Ray) happen inside the handlers, so ``pneumonia --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from models.dataset import load_splits, summarize
+
+    summary = summarize(load_splits(args.data, args.val_fraction, args.seed))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{summary['source']} ({summary['layout']} layout), fingerprint {summary['fingerprint']}")
+    print(f"{'split':<6} {'NORMAL':>7} {'PNEUMONIA':>10} {'total':>6} {'patients':>9}")
+    for name, row in summary["splits"].items():
+        print(f"{name:<6} {row['NORMAL']:>7} {row['PNEUMONIA']:>10} {row['total']:>6} {row['patients']:>9}")
+    print(f"train+val images: {summary['train_plus_val']}; patients in both train and val: {summary['patient_overlap']}")
+    print(f"unreadable files: {len(summary['unreadable'])}")
+    for path in summary["unreadable"]:
+        print(f"  {path}")
+    return 0
+
+
+def _data_download(args: argparse.Namespace) -> int:
+    from models.download import download_medmnist, unpack_zip
+
+    if args.zip:
+        if not args.dest:
+            raise ValueError("--zip needs --dest DIR (where the train/ and test/ folders go)")
+        print(unpack_zip(args.zip, args.dest))
+    else:
+        print(download_medmnist(args.cache_dir, args.size, args.url, args.md5))
+    return 0
+
+
+def _load_train_config(args: argparse.Namespace):
+    from models.config import load_config
+    from tuning.config import TrainConfig
+
+    overrides = list(args.set or [])
+    if getattr(args, "data", None):
+        overrides.append(f"data.path={args.data}")
+    return load_config(TrainConfig, args.config, overrides)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tuning.train import train
+
+    train(_load_train_config(args), args.output)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pneumonia", description="Pneumonia detection on chest X-rays with Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="check or download the chest X-ray data")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    check = data_commands.add_parser("check", help="counts per split and class, patients, overlap, unreadable files")
+    check.add_argument("--data", help="data dir or .npz (default: $PNEUMONIA_DATA)")
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.add_argument("--val-fraction", type=float, default=0.15)
+    check.add_argument("--seed", type=int, default=42)
+    check.set_defaults(handler=_data_check)
+    download = data_commands.add_parser("download", help="fetch MedMNIST's npz, or unpack a Kaggle/Mendeley zip")
+    download.add_argument("--size", type=int, default=224, help="MedMNIST image size: 64, 128 or 224")
+    download.add_argument("--cache-dir", help="default: $PNEUMONIA_CACHE or ~/.cache/pneumonia")
+    download.add_argument("--url", help="download from this URL instead of Zenodo (needs --md5)")
+    download.add_argument("--md5", help="expected MD5 of the file at --url")
+    download.add_argument("--zip", help="a local Kaggle or Mendeley zip to unpack instead")
+    download.add_argument("--dest", help="where to unpack --zip")
+    download.set_defaults(handler=_data_download)
+
+    train = commands.add_parser("train", help="train one configuration without Ray and write a model directory")
+    train.add_argument("--config", help="YAML config (see tuning/configs/)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. epochs=3")
+    train.add_argument("--data", help="data dir or .npz (default: data.path, else $PNEUMONIA_DATA)")
+    train.add_argument("--output", help="model directory (default: output_dir/name)")
+    train.set_defaults(handler=_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from models.config import ConfigError
+    from models.dataset import DataLayoutError
+    from models.download import DownloadError
+    from models.networks import WeightsUnavailableError
+    from models.package import PackageError
+
+    try:
+        return args.handler(args)
+    except (ConfigError, DataLayoutError, DownloadError, WeightsUnavailableError, PackageError,
+            FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Training one configuration: the loop ``pneumonia train`` runs and the Tune trainable reuses.
+
+Usage: ``pneumonia train --config tuning/configs/cnn-128.yaml --set epochs=3 --data DIR``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from models.config import to_dict
+from models.dataset import CLASS_NAMES, DataSplits, load_splits
+from models.preprocessing import PREPROCESSING
+from tuning.config import TrainConfig
+from tuning.metrics import clinical_metrics
+
+VAL_BATCH_SIZE = 64
+
+
+@dataclasses.dataclass
+class FitResult:
+    model: object
+    history: list[dict]
+    best_epoch: int  # 1-based epoch whose weights the model holds
+    runtime: dict  # threads and precision actually used
+
+
+def load_data(config: TrainConfig) -> DataSplits:
+    d = config.data
+    return load_splits(d.path, d.val_fraction, d.seed, d.max_train_images, d.max_val_images)
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int):
+    import keras
+
+    lr = config.learning_rate
+    if config.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, config.epochs * steps_per_epoch), alpha=0.01)
+    if config.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=lr)
+    return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay or None)
+
+
+def compile_model(model, config: TrainConfig, steps_per_epoch: int) -> None:
+    import keras
+
+    model.compile(
+        optimizer=make_optimizer(config, steps_per_epoch),
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
+    )
+
+
+def _callbacks_module():
+    import keras
+
+    class Throughput(keras.callbacks.Callback):
+        """Training images/s of each epoch, measured before validation starts."""
+
+        def __init__(self, images_per_epoch: int):
+            super().__init__()
+            self.images_per_epoch = images_per_epoch
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            seconds = time.perf_counter() - self.start
+            logs["train_seconds"] = seconds
+            logs["images_per_sec"] = self.images_per_epoch / seconds
+
+    class ValidationMetrics(keras.callbacks.Callback):
+        """Validation loss, accuracy, AUC, sensitivity and specificity (scikit-learn) into the epoch logs."""
+
+        def __init__(self, val_ds, labels: np.ndarray):
+            super().__init__()
+            self.val_ds, self.labels = val_ds, labels
+
+        def on_epoch_end(self, epoch, logs=None):
+            probabilities = self.model.predict(self.val_ds, verbose=0)
+            logs.update({f"val_{k}": v for k, v in clinical_metrics(self.labels, probabilities).items()})
+
+    class ProgressLine(keras.callbacks.Callback):
+        """One compact line per epoch."""
+
+        def __init__(self, epochs: int, log: Callable[[str], None]):
+            super().__init__()
+            self.epochs, self.log = epochs, log
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.log(
+                f"epoch {epoch + 1}/{self.epochs}  loss {logs['loss']:.4f}  acc {logs['accuracy']:.4f}  "
+                f"val_loss {logs['val_loss']:.4f}  val_acc {logs['val_accuracy']:.4f}  "
+                f"val_auc {logs['val_auc']:.4f}  val_sens {logs['val_sensitivity']:.3f}  "
+                f"val_spec {logs['val_specificity']:.3f}  {logs['images_per_sec']:.0f} img/s  "
+                f"{logs['train_seconds']:.0f}s"
+            )
+
+    return Throughput, ValidationMetrics, ProgressLine
+
+
+def fit(
+    config: TrainConfig,
+    splits: DataSplits | None = None,
+    model=None,
+    initial_epoch: int = 0,
+    callbacks: Sequence = (),
+    log: Callable[[str], None] = print,
+    runtime: dict | None = None,
+) -> FitResult:
+    """Train ``config`` (or continue ``model`` from ``initial_epoch``); the model returned holds the
+    weights of the epoch with the best validation AUC."""
+    import keras
+
+    from models.networks import build_model
+    from models.pipeline import class_weights, make_dataset
+    from models.runtime import configure_tensorflow
+
+    runtime = runtime or configure_tensorflow(config.threads, config.mixed_precision)
+    keras.utils.set_random_seed(config.seed)
+    splits = splits or load_data(config)
+    d, m = config.data, config.model
+    train_ds = make_dataset(splits.train, m.image_size, config.batch_size, training=True, augment=d.augment,
+                            class_balance=d.class_balance, seed=config.seed)
+    val_ds = make_dataset(splits.val, m.image_size, VAL_BATCH_SIZE)
+    steps = math.ceil(len(splits.train) / config.batch_size)
+    if model is None:
+        model = build_model(m)
+        compile_model(model, config, steps)
+    Throughput, ValidationMetrics, ProgressLine = _callbacks_module()
+    best = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.epochs,
+                                         restore_best_weights=True)
+    history = keras.callbacks.History()
+    weights = class_weights(splits.train.labels) if d.class_balance == "class_weight" else None
+    model.fit(
+        train_ds,
+        epochs=config.epochs,
+        initial_epoch=initial_epoch,
+        class_weight=weights,
+        verbose=0,
+        shuffle=False,  # the dataset shuffles itself
+        callbacks=[Throughput(len(splits.train)), ValidationMetrics(val_ds, splits.val.labels), best,
+                   ProgressLine(config.epochs, log), *callbacks, history],
+    )
+    epochs = [
+        {"epoch": initial_epoch + i + 1, **{k: float(v[i]) for k, v in history.history.items()}}
+        for i in range(len(history.epoch))
+    ]
+    best_epoch = best.best_epoch + 1 if best.best_weights is not None else epochs[-1]["epoch"]
+    return FitResult(model=model, history=epochs, best_epoch=best_epoch, runtime=runtime)
+
+
+def model_metadata(config: TrainConfig, splits: DataSplits, result: FitResult) -> dict:
+    from models.package import package_versions
+
+    best = next((e for e in result.history if e["epoch"] == result.best_epoch), result.history[-1])
+    return {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "class_names": list(CLASS_NAMES),
+        "positive_class": CLASS_NAMES[1],
+        "input": {"image_size": config.model.image_size, **PREPROCESSING},
+        "threshold": 0.5,
+        "threshold_method": "default 0.5 (not yet chosen on validation)",
+        "config": to_dict(config),
+        "data": {
+            "source": splits.source,
+            "layout": splits.layout,
+            "fingerprint": splits.fingerprint,
+            "counts": {s.name: s.counts() for s in (splits.train, splits.val)},
+        },
+        "runtime": result.runtime,
+        "best_epoch": result.best_epoch,
+        "validation": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
+        "history": result.history,
+        "versions": package_versions(),
+    }
+
+
+def train(config: TrainConfig, output: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """``pneumonia train``: fit one configuration and write its model directory."""
+    from models.package import save_model_dir
+
+    splits = load_data(config)
+    for path in splits.unreadable:
+        log(f"skipped unreadable file: {path}")
+    log(
+        f"data {splits.source} ({splits.layout}): train {len(splits.train)} {splits.train.counts()}, "
+        f"val {len(splits.val)} {splits.val.counts()} (patient-grouped, overlap {splits.patient_overlap})"
+    )
+    result = fit(config, splits, log=log)
+    log(f"runtime: {result.runtime['precision']}, {result.runtime['threads']} threads; best epoch {result.best_epoch}")
+    directory = Path(output or Path(config.output_dir) / config.name)
+    save_model_dir(result.model, model_metadata(config, splits, result), directory)
+    log(f"model directory: {directory}")
+    return directory

@@ -6,6 +6,7 @@ for encoded bytes), so a served prediction sees exactly the pixels an evaluated 
 
 from __future__ import annotations
 
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 PREPROCESSING = {
     "decode": "tf.io.decode_image to 3 channels, 8- or 16-bit, scaled to float32 [0, 1]",
     "color": "RGB -> grayscale (ITU-R 601 luma); alpha dropped",
@@ -45,6 +46,8 @@ def preprocess(images, image_size: int):
     if channels == 4:
         images = images[..., :3]
     if channels in (3, 4):
-        images = tf.image.rgb_to_grayscale(images)
+        # ITU-R 601 luma; these weights sum to 1 (tf.image.rgb_to_grayscale's sum to 0.9999), so a gray
+        # film stored as RGB gives exactly the values of the same film stored as one channel.
+        images = tf.tensordot(images, tf.constant(LUMA_WEIGHTS), axes=[[-1], [0]])[..., tf.newaxis]
     images = tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
     return tf.clip_by_value(images, 0.0, 1.0)

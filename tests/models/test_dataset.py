@@ -1,0 +1,139 @@
+import json
+
+import numpy as np
+import pytest
+
+from models.dataset import DataLayoutError, load_splits, patient_id
+from tests.conftest import write_split
+from tuning.cli import main
+
+
+def test_patient_ids_follow_kermany_file_names():
+    assert patient_id("person1234_bacteria_5678.jpeg") == "person1234"
+    assert patient_id("/x/person7_virus_12.jpeg") == "person7"
+    assert patient_id("IM-0115-0001.jpeg") == "IM-0115"
+    assert patient_id("IM-0429-0001-0002.jpeg") == "IM-0429"
+    assert patient_id("NORMAL2-IM-0927-0001.jpeg") == "NORMAL2-IM-0927"
+    assert patient_id("scan.png") == "scan"
+
+
+def test_mendeley_layout_is_split_by_patient_and_class(mendeley_dir):
+    splits = load_splits(mendeley_dir, val_fraction=0.25, seed=0)
+    assert splits.layout == "mendeley"
+    assert len(splits.train) + len(splits.val) == 48
+    assert len(splits.test) == 16
+    assert splits.patient_overlap == 0
+    assert set(splits.train.patients).isdisjoint(splits.val.patients)
+    # stratified: both classes on both sides, each patient's two images together
+    assert all(n > 0 for n in splits.val.counts().values())
+    for patient in set(splits.val.patients):
+        assert (splits.val.patients == patient).sum() == 2
+
+
+def test_split_is_seeded(mendeley_dir):
+    a = load_splits(mendeley_dir, seed=1)
+    b = load_splits(mendeley_dir, seed=1)
+    c = load_splits(mendeley_dir, seed=2)
+    assert list(a.val.paths) == list(b.val.paths)
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+def test_kaggle_layout_nested_as_in_the_zip_merges_val_into_the_pool(tmp_path):
+    root = tmp_path / "download" / "chest_xray"
+    write_split(root / "train", patients=10, seed=1)
+    write_split(root / "val", patients=2, seed=4, offset=300)
+    write_split(root / "test", patients=3, seed=2, offset=500)
+    (tmp_path / "download" / "__MACOSX").mkdir()
+    splits = load_splits(tmp_path / "download", val_fraction=0.2)
+    assert splits.layout == "kaggle"
+    assert len(splits.train) + len(splits.val) == 40 + 8
+    pool = set(splits.train.patients) | set(splits.val.patients)
+    assert {"person300", "IM-0301"} <= pool
+    assert splits.patient_overlap == 0
+
+
+def test_medmnist_npz_keeps_its_own_splits(npz_file):
+    splits = load_splits(npz_file)
+    assert splits.layout == "medmnist"
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (40, 10, 12)
+    assert splits.train.images.shape == (40, 28, 28)
+    assert splits.train.labels.tolist()[:4] == [0, 1, 0, 1]
+    # a folder holding the npz works too
+    assert load_splits(npz_file.parent).layout == "medmnist"
+
+
+def test_npz_without_the_medmnist_keys_is_a_clear_error(tmp_path):
+    path = tmp_path / "pneumoniamnist.npz"
+    np.savez(path, images=np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(DataLayoutError, match="train_images"):
+        load_splits(path)
+
+
+def test_corrupt_and_non_image_files_are_reported_and_skipped(mendeley_dir):
+    good = sorted((mendeley_dir / "train" / "NORMAL").iterdir())[0]
+    truncated = mendeley_dir / "train" / "NORMAL" / "IM-0900-0001.jpeg"
+    truncated.write_bytes(good.read_bytes()[:200])
+    text = mendeley_dir / "train" / "PNEUMONIA" / "notes.txt"
+    text.write_text("not an image")
+    (mendeley_dir / "train" / "PNEUMONIA" / ".DS_Store").write_bytes(b"\0")  # hidden: ignored
+    splits = load_splits(mendeley_dir)
+    assert sorted(splits.unreadable) == sorted([str(truncated), str(text)])
+    kept = set(splits.train.paths) | set(splits.val.paths)
+    assert str(truncated) not in kept and len(kept) == 48
+
+
+@pytest.mark.parametrize("make", ["empty", "no_classes", "no_test", "no_images"])
+def test_unrecognised_layouts_name_the_expected_one(tmp_path, make):
+    root = tmp_path / "data"
+    root.mkdir()
+    if make == "no_classes":
+        (root / "train" / "cats").mkdir(parents=True)
+        (root / "test").mkdir()
+    elif make == "no_test":
+        write_split(root / "train", patients=2)
+    elif make == "no_images":
+        for split in ("train", "test"):
+            for cls in ("NORMAL", "PNEUMONIA"):
+                (root / split / cls).mkdir(parents=True)
+    with pytest.raises(DataLayoutError, match=r"train/\{NORMAL,PNEUMONIA\}"):
+        load_splits(root)
+
+
+def test_missing_data_path_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("PNEUMONIA_DATA", raising=False)
+    with pytest.raises(DataLayoutError, match="PNEUMONIA_DATA"):
+        load_splits(None)
+    with pytest.raises(DataLayoutError, match="does not exist"):
+        load_splits(tmp_path / "nowhere")
+
+
+def test_data_check_cli_reports_json(mendeley_dir, capsys):
+    (mendeley_dir / "test" / "NORMAL" / "broken.jpeg").write_bytes(b"\xff\xd8garbage")
+    assert main(["data", "check", "--data", str(mendeley_dir), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["patient_overlap"] == 0
+    assert summary["train_plus_val"] == 48
+    assert summary["splits"]["test"] == {"NORMAL": 8, "PNEUMONIA": 8, "total": 16, "patients": 8}
+    assert summary["unreadable"] == [str(mendeley_dir / "test" / "NORMAL" / "broken.jpeg")]
+
+
+def test_data_check_cli_on_a_bad_layout_exits_2(tmp_path, capsys):
+    assert main(["data", "check", "--data", str(tmp_path)]) == 2
+    assert "expected" in capsys.readouterr().err
+
+
+@pytest.mark.real_data
+def test_real_data_counts_and_zero_patient_overlap(real_data, capsys):
+    assert main(["data", "check", "--data", str(real_data), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    splits = summary["splits"]
+    assert summary["train_plus_val"] == 5216
+    assert splits["train"]["NORMAL"] + splits["val"]["NORMAL"] == 1341
+    assert splits["train"]["PNEUMONIA"] + splits["val"]["PNEUMONIA"] == 3875
+    assert splits["test"] == {"NORMAL": 234, "PNEUMONIA": 390, "total": 624, "patients": 427}
+    assert splits["train"]["patients"] + splits["val"]["patients"] == 2846
+    assert summary["patient_overlap"] == 0
+    assert summary["unreadable"] == []
+    # the validation split keeps the class balance of train (stratified)
+    val_share = splits["val"]["NORMAL"] / splits["val"]["total"]
+    assert abs(val_share - 1341 / 5216) < 0.03

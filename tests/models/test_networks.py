@@ -1,0 +1,126 @@
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from models.config import ConfigError, ModelConfig, load_config
+from models.networks import WeightsUnavailableError, build_model
+from models.package import PackageError, load_model_dir, save_model_dir
+from tuning.train import compile_model
+from tuning.config import TrainConfig
+
+
+def _batch(size: int, n: int = 4):
+    rng = np.random.default_rng(0)
+    return rng.random((n, size, size, 1), dtype=np.float32), np.array([0, 1] * (n // 2), np.float32)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(family="cnn", image_size=32, depth=3, base_filters=4, dense_units=8),
+        ModelConfig(family="cnn", image_size=32, depth=2, base_filters=4, dense_units=8, separable=True, kernel_size=5),
+        ModelConfig(family="inception", image_size=75, dense_units=8, trainable_blocks=2),
+    ],
+    ids=["cnn", "cnn-separable", "inception"],
+)
+def test_each_family_builds_and_takes_a_training_step(config):
+    model = build_model(config)
+    assert model.input_shape == (None, config.image_size, config.image_size, 1)
+    assert model.output_shape == (None, 1)
+    compile_model(model, TrainConfig(model=config), steps_per_epoch=1)
+    x, y = _batch(config.image_size)
+    before = [w.copy() for w in model.get_weights()]
+    loss = model.train_on_batch(x, y)
+    assert np.isfinite(loss).all()
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    probabilities = model.predict_on_batch(x)
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+
+
+def test_cnn_depth_and_filters_follow_the_config():
+    model = build_model(ModelConfig(family="cnn", image_size=64, depth=3, base_filters=8, filter_growth=2.0,
+                                    convs_per_block=1))
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [c.filters for c in convs] == [8, 16, 32]
+
+
+def test_inception_trainable_blocks_freeze_the_rest():
+    frozen = build_model(ModelConfig(family="inception", image_size=75, trainable_blocks=0))
+    partly = build_model(ModelConfig(family="inception", image_size=75, trainable_blocks=1))
+    full = build_model(ModelConfig(family="inception", image_size=75, trainable_blocks=-1))
+    def trainable(layer_or_model) -> int:
+        return sum(int(np.prod(w.shape)) for w in layer_or_model.trainable_weights)
+
+    counts = [trainable(m) for m in (frozen, partly, full)]
+    assert counts[0] < counts[1] < counts[2]
+    assert counts[0] == trainable(frozen.get_layer("head_dense")) + trainable(frozen.get_layer("pneumonia_probability"))
+
+
+def test_mixed_precision_keeps_a_float32_output():
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    model = build_model(ModelConfig(family="cnn", image_size=32, depth=2, base_filters=4, dense_units=8))
+    assert model.get_layer("block0_conv0").compute_dtype == "bfloat16"
+    assert model.output.dtype == "float32"
+
+
+def test_saved_model_reloads_and_predicts_identically(tmp_path):
+    model = build_model(ModelConfig(family="cnn", image_size=32, depth=2, base_filters=4, dense_units=8))
+    x, _ = _batch(32, 6)
+    save_model_dir(model, {"threshold": 0.5}, tmp_path / "m")
+    loaded, metadata = load_model_dir(tmp_path / "m")
+    assert metadata == {"threshold": 0.5}
+    np.testing.assert_array_equal(loaded.predict_on_batch(x), model.predict_on_batch(x))
+
+
+def test_tampered_model_dir_is_refused(tmp_path):
+    model = build_model(ModelConfig(family="cnn", image_size=32, depth=1, base_filters=2, dense_units=2))
+    directory = save_model_dir(model, {"threshold": 0.5}, tmp_path / "m")
+    (directory / "metadata.json").write_text('{"threshold": 0.01}')
+    with pytest.raises(PackageError, match="checksum mismatch.*metadata.json"):
+        load_model_dir(directory)
+    (directory / "model.keras").unlink()
+    with pytest.raises(PackageError, match="model.keras is missing"):
+        load_model_dir(directory)
+
+
+def test_inception_loads_backbone_weights_from_a_local_file(tmp_path):
+    donor = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=(75, 75, 3), pooling="avg")
+    donor.set_weights([np.full_like(w, 0.01 * (i % 7)) for i, w in enumerate(donor.get_weights())])
+    path = tmp_path / "inception_backbone.weights.h5"
+    donor.save_weights(path)
+    model = build_model(ModelConfig(family="inception", image_size=99, weights=str(path)))
+    loaded = model.get_layer("inception_v3").get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(loaded, donor.get_weights()))
+    with pytest.raises(WeightsUnavailableError, match="neither 'imagenet', 'none' nor an existing"):
+        build_model(ModelConfig(family="inception", image_size=75, weights=str(tmp_path / "missing.h5")))
+
+
+def test_imagenet_weights_offline_say_so_and_name_the_alternatives(tmp_path):
+    """Keras' real download path, with the network cut (a proxy on a closed loopback port)."""
+    code = (
+        "from models.config import ModelConfig\n"
+        "from models.networks import build_model\n"
+        "build_model(ModelConfig(family='inception', image_size=75, weights='imagenet'))\n"
+    )
+    env = {**os.environ, "KERAS_HOME": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "https_proxy": "http://127.0.0.1:9"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "WeightsUnavailableError" in result.stderr
+    assert "could not get the ImageNet weights" in result.stderr
+    assert "model.weights=none" in result.stderr and "weights.h5" in result.stderr
+
+
+def test_model_config_refuses_bad_values():
+    with pytest.raises(ConfigError, match="image_size must be >= 75 for inception"):
+        load_config(ModelConfig, overrides=["family=inception", "image_size=64"])
+    with pytest.raises(ConfigError, match="'resnet' is not one of"):
+        load_config(ModelConfig, overrides=["family=resnet"])
+    with pytest.raises(ConfigError, match="unknown key depht"):
+        load_config(ModelConfig, overrides=["depht=3"])
+    with pytest.raises(ConfigError, match="depth: expected an integer"):
+        load_config(ModelConfig, overrides=["depth=deep"])

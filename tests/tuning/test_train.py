@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pytest
+
+from models.config import ConfigError, load_config
+from models.package import load_model_dir
+from models.pipeline import make_dataset
+from tuning.cli import main
+from tuning.config import TrainConfig
+
+TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8",
+        "batch_size=8", "mixed_precision=float32"]
+
+
+def _sets(*items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def test_train_cli_writes_a_model_directory(mendeley_dir, tmp_path, capsys):
+    out = tmp_path / "model"
+    code = main(["train", "--data", str(mendeley_dir), "--output", str(out), *_sets(*TINY, "epochs=2")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.count("val_auc") == 2 and "img/s" in printed and "overlap 0" in printed
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert metadata["input"]["image_size"] == 32 and metadata["input"]["channels"] == 1
+    assert metadata["config"]["model"]["depth"] == 2 and metadata["config"]["epochs"] == 2
+    assert [e["epoch"] for e in metadata["history"]] == [1, 2]
+    for key in ("loss", "accuracy", "val_auc", "val_sensitivity", "val_specificity", "images_per_sec"):
+        assert key in metadata["history"][0]
+    assert metadata["best_epoch"] in (1, 2)
+    assert len(metadata["data"]["fingerprint"]) == 16
+    assert {"tensorflow", "keras", "numpy"} <= set(metadata["versions"])
+    assert metadata["runtime"] == {"threads": metadata["runtime"]["threads"], "precision": "float32"}
+
+    # the saved model is the best epoch's and predicts like a fresh load of the validation images
+    model, _ = load_model_dir(out)
+    config = load_config(TrainConfig, overrides=[f"data.path={mendeley_dir}", *TINY])
+    from tuning.train import load_data
+
+    val = load_data(config).val
+    probabilities = model.predict(make_dataset(val, 32, 64), verbose=0).ravel()
+    assert probabilities.shape == (len(val),)
+
+
+def test_train_config_file_plus_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\nmodel:\n  family: cnn\n  depth: 3\nepochs: 5\n")
+    config = load_config(TrainConfig, path, ["model.depth=4", "learning_rate=3e-4", "data.class_balance=oversample"])
+    assert (config.name, config.model.depth, config.epochs) == ("x", 4, 5)
+    assert config.learning_rate == pytest.approx(3e-4)
+    assert config.data.class_balance == "oversample"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "epochz=3"], "unknown key epochz"),
+        (["--set", "model.family=vgg"], "'vgg' is not one of"),
+        (["--set", "batch_size=big"], "batch_size: expected an integer"),
+        (["--set", "epochs"], "not of the form key=value"),
+        (["--config", "/nonexistent.yaml"], "config file not found"),
+    ],
+)
+def test_bad_configs_exit_2_with_a_clear_message(args, message, mendeley_dir, capsys):
+    assert main(["train", "--data", str(mendeley_dir), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_yaml_is_reported(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: [unclosed\n")
+    assert main(["train", "--config", str(path)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_training_on_npz_with_oversampling(npz_file, tmp_path):
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(npz_file), "--output", str(out),
+                 *_sets(*TINY, "epochs=1", "data.class_balance=oversample", "data.augment=0.5")]) == 0
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert metadata["data"]["layout"] == "medmnist"
+    assert metadata["data"]["counts"]["val"] == {"NORMAL": 5, "PNEUMONIA": 5}
+
+
+def test_mixed_precision_auto_uses_bfloat16_on_bf16_cpus(mendeley_dir, tmp_path):
+    from models.runtime import cpu_supports_bfloat16
+
+    out = tmp_path / "m"
+    args = [a for a in TINY if not a.startswith("mixed_precision")]
+    assert main(["train", "--data", str(mendeley_dir), "--output", str(out),
+                 *_sets(*args, "epochs=1", "mixed_precision=auto", "threads=1")]) == 0
+    runtime = json.loads((out / "metadata.json").read_text())["runtime"]
+    assert runtime["precision"] == ("bfloat16" if cpu_supports_bfloat16() else "float32")
+
+
+@pytest.mark.real_data
+def test_train_on_the_real_data_subset(real_data, tmp_path):
+    out = tmp_path / "real"
+    assert main(["train", "--data", str(real_data), "--output", str(out),
+                 *_sets("model.image_size=64", "model.depth=3", "model.base_filters=8", "epochs=1",
+                        "data.max_train_images=256", "data.max_val_images=128", "batch_size=32")]) == 0
+    metadata = json.loads((out / "metadata.json").read_text())
+    counts = metadata["data"]["counts"]
+    assert sum(counts["train"].values()) == 256 and sum(counts["val"].values()) == 128
+    assert metadata["data"]["layout"] == "mendeley"
+    assert 0.0 <= metadata["validation"]["auc"] <= 1.0
+    assert np.isfinite(metadata["validation"]["loss"])

@@ -56,6 +56,7 @@ def compile_model(model, config: TrainConfig, steps_per_epoch: int) -> None:
         optimizer=make_optimizer(config, steps_per_epoch),
         loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
+        jit_compile=False,  # XLA trained at 0.5-0.6x the speed of plain TF on this project's CPUs
     )
 
 

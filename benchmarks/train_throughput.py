@@ -1,0 +1,101 @@
+"""Training throughput, measured side by side in one process (ratios, not absolute timings, are the result).
+
+1. Model: training images/s of each family, float32 vs mixed bfloat16 (train_on_batch on in-memory batches).
+2. Input pipeline: images/s of the training tf.data pipeline (cold: decode + preprocess; warm: cached,
+   shuffled, augmented) against the model's images/s, to show the pipeline is not the bottleneck.
+
+Usage: python benchmarks/train_throughput.py --data ../shared/data/chest_xray [--steps 12] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+
+
+def model_images_per_sec(model_config, precision: str, batch_size: int, steps: int, warmup: int = 3) -> float:
+    import keras
+
+    from models.networks import build_model
+    from tuning.config import TrainConfig
+    from tuning.train import compile_model
+
+    keras.mixed_precision.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
+    model = build_model(model_config)
+    compile_model(model, TrainConfig(model=model_config, batch_size=batch_size), steps_per_epoch=steps)
+    rng = np.random.default_rng(0)
+    size = model_config.image_size
+    x = rng.random((batch_size, size, size, 1), dtype=np.float32)
+    y = (rng.random(batch_size) > 0.5).astype(np.float32)
+    for _ in range(warmup):
+        model.train_on_batch(x, y)
+    start = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def pipeline_images_per_sec(split, image_size: int, batch_size: int, augment: float) -> dict[str, float]:
+    from models.pipeline import make_dataset
+
+    ds = make_dataset(split, image_size, batch_size, training=True, augment=augment)
+    rates = {}
+    for label in ("cold", "warm"):  # cold fills the cache (read + decode + preprocess); warm reads it
+        start = time.perf_counter()
+        n = sum(int(x.shape[0]) for x, _ in ds)
+        rates[label] = n / (time.perf_counter() - start)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    from models.config import load_config
+    from models.dataset import load_splits
+    from models.runtime import available_cpus, configure_tensorflow
+    from tuning.config import TrainConfig
+
+    runtime = configure_tensorflow(0, "float32")
+    cnn = load_config(TrainConfig, "tuning/configs/train-cnn.yaml").model
+    inception = load_config(TrainConfig, "tuning/configs/train-inception.yaml").model
+    families = {"cnn": cnn, "inception": inception}
+    results: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {available_cpus()} CPUs, TF threads {runtime['threads']}",
+        "batch_size": args.batch_size,
+        "model": {},
+    }
+    for name, config in families.items():
+        rates = {p: model_images_per_sec(config, p, args.batch_size, args.steps) for p in ("float32", "bfloat16")}
+        rates["bfloat16_over_float32"] = rates["bfloat16"] / rates["float32"]
+        results["model"][f"{name}-{config.image_size}"] = rates
+        print(f"{name} {config.image_size}px: float32 {rates['float32']:.1f} img/s, bfloat16 "
+              f"{rates['bfloat16']:.1f} img/s, ratio {rates['bfloat16_over_float32']:.2f}", flush=True)
+
+    splits = load_splits(args.data)
+    pipeline = pipeline_images_per_sec(splits.train, cnn.image_size, args.batch_size, augment=1.0)
+    fastest_model = max(results["model"][f"cnn-{cnn.image_size}"][p] for p in ("float32", "bfloat16"))
+    results["pipeline"] = {
+        "image_size": cnn.image_size,
+        "train_images": len(splits.train),
+        **pipeline,
+        "warm_over_fastest_model": pipeline["warm"] / fastest_model,
+    }
+    print(f"pipeline {cnn.image_size}px over {len(splits.train)} train images: cold {pipeline['cold']:.0f} img/s, "
+          f"warm (cached, augmented) {pipeline['warm']:.0f} img/s = {pipeline['warm'] / fastest_model:.1f}x "
+          f"the fastest model ({fastest_model:.0f} img/s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -76,7 +76,8 @@ class DataSplits:
     layout: str  # "kaggle", "mendeley" or "medmnist"
     source: str
     unreadable: tuple[str, ...]
-    fingerprint: str
+    fingerprint: str  # train + val (what training sees) and how they were split
+    test_fingerprint: str
 
     @property
     def patient_overlap(self) -> int:
@@ -253,10 +254,11 @@ def load_splits(
                     f"expected {EXPECTED_LAYOUT}"
                 )
         train, val = grouped_split(train_pool, val_fraction, seed)
-    fingerprint = _fingerprint(layout, source, [train, val, test], val_fraction, seed)
+    fingerprint = _fingerprint(layout, source, [train, val], val_fraction, seed)
+    test_fingerprint = _fingerprint(layout, source, [test], 0.0, 0)
     train = stratified_subset(train, max_train_images, seed)
     val = stratified_subset(val, max_val_images, seed)
-    return DataSplits(train, val, test, layout, str(source), tuple(unreadable), fingerprint)
+    return DataSplits(train, val, test, layout, str(source), tuple(unreadable), fingerprint, test_fingerprint)
 
 
 def summarize(splits: DataSplits) -> dict:
@@ -276,4 +278,5 @@ def summarize(splits: DataSplits) -> dict:
         "patient_overlap": splits.patient_overlap,
         "unreadable": list(splits.unreadable),
         "fingerprint": splits.fingerprint,
+        "test_fingerprint": splits.test_fingerprint,
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -39,15 +40,34 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    return _sha256(Path(path))
+
+
+def _finish(directory: Path, metadata: dict) -> Path:
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
+    sums = "".join(f"{_sha256(directory / name)}  {name}\n" for name in (MODEL_FILE, METADATA_FILE))
+    (directory / CHECKSUM_FILE).write_text(sums)
+    return directory
+
+
 def save_model_dir(model, metadata: dict, directory: str | Path) -> Path:
     """Write the model, its metadata and their checksums into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save(directory / MODEL_FILE)
-    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-    sums = "".join(f"{_sha256(directory / name)}  {name}\n" for name in (MODEL_FILE, METADATA_FILE))
-    (directory / CHECKSUM_FILE).write_text(sums)
-    return directory
+    return _finish(directory, metadata)
+
+
+def write_package(source_dir: str | Path, metadata: dict, directory: str | Path) -> Path:
+    """A deployable package: the verified ``model.keras`` of ``source_dir`` byte for byte, new metadata."""
+    source_dir, directory = Path(source_dir), Path(directory)
+    verify_model_dir(source_dir)
+    if directory.exists():
+        raise FileExistsError(f"{directory} already exists; packages are never overwritten")
+    directory.mkdir(parents=True)
+    shutil.copyfile(source_dir / MODEL_FILE, directory / MODEL_FILE)
+    return _finish(directory, metadata)
 
 
 def verify_model_dir(directory: str | Path) -> None:

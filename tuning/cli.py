@@ -57,6 +57,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from tuning.evaluate import evaluate
+
+    evaluate(args.model, args.experiment, args.data, args.target_sensitivity, args.reports, args.artifacts, args.name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumonia", description="Pneumonia detection on chest X-rays with Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="data dir or .npz (default: data.path, else $PNEUMONIA_DATA)")
     train.add_argument("--output", help="model directory (default: output_dir/name)")
     train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="choose the threshold on validation, score the test split once, write report and package")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="a model directory (pneumonia train's output)")
+    source.add_argument("--experiment", help="a tuning experiment dir holding best.json")
+    evaluate.add_argument("--data", help="data dir or .npz (default: the model's data.path, else $PNEUMONIA_DATA)")
+    evaluate.add_argument("--target-sensitivity", type=float, metavar="S",
+                          help="screening threshold: the highest keeping validation sensitivity >= S (default: Youden's J)")
+    evaluate.add_argument("--reports", default="reports", help="reports go to REPORTS/NAME/ (default: reports)")
+    evaluate.add_argument("--artifacts", default="artifacts", help="packages go to ARTIFACTS/VERSION/ (default: artifacts)")
+    evaluate.add_argument("--name", help="report name (default: the training config's name)")
+    evaluate.set_defaults(handler=_evaluate)
     return parser
 
 
@@ -94,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     from models.download import DownloadError
     from models.networks import WeightsUnavailableError
     from models.package import PackageError
+    from tuning.evaluate import EvaluationError
 
     try:
         return args.handler(args)
-    except (ConfigError, DataLayoutError, DownloadError, WeightsUnavailableError, PackageError,
+    except (ConfigError, DataLayoutError, DownloadError, WeightsUnavailableError, PackageError, EvaluationError,
             FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

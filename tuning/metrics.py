@@ -1,16 +1,28 @@
-"""Clinical metrics of a set of probabilities, computed by scikit-learn (PNEUMONIA is positive)."""
+"""Clinical metrics of a set of probabilities, computed by scikit-learn and SciPy (PNEUMONIA is positive).
+
+Thresholds are chosen from validation data only; :func:`binary_report` then scores a split at a given one.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
+CI_METRICS = ("accuracy", "auc", "sensitivity", "specificity")
 
-def clinical_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """Loss, accuracy, ROC AUC, sensitivity and specificity at ``threshold``."""
-    from sklearn.metrics import accuracy_score, log_loss, recall_score, roc_auc_score
 
+def _as_arrays(labels, probabilities) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels).astype(int).reshape(-1)
     probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    if labels.shape != probabilities.shape:
+        raise ValueError(f"{labels.size} labels but {probabilities.size} probabilities")
+    return labels, probabilities
+
+
+def clinical_metrics(labels, probabilities, threshold: float = 0.5) -> dict[str, float]:
+    """Loss, accuracy, ROC AUC, sensitivity and specificity at ``threshold`` (the per-epoch set)."""
+    from sklearn.metrics import accuracy_score, log_loss, recall_score, roc_auc_score
+
+    labels, probabilities = _as_arrays(labels, probabilities)
     predictions = (probabilities >= threshold).astype(int)
     both_classes = len(np.unique(labels)) == 2
     return {
@@ -20,3 +32,78 @@ def clinical_metrics(labels: np.ndarray, probabilities: np.ndarray, threshold: f
         "sensitivity": float(recall_score(labels, predictions, pos_label=1, zero_division=0)),
         "specificity": float(recall_score(labels, predictions, pos_label=0, zero_division=0)),
     }
+
+
+def youden_threshold(labels, probabilities) -> float:
+    """The ROC threshold that maximises Youden's J = sensitivity + specificity - 1."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(*_as_arrays(labels, probabilities))
+    finite = np.isfinite(thresholds)
+    best = np.argmax(np.where(finite, tpr - fpr, -np.inf))
+    return float(thresholds[best])
+
+
+def sensitivity_threshold(labels, probabilities, target: float) -> float:
+    """The highest threshold whose sensitivity is still >= ``target`` (screening use)."""
+    from sklearn.metrics import roc_curve
+
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target sensitivity must lie in (0, 1], got {target}")
+    _, tpr, thresholds = roc_curve(*_as_arrays(labels, probabilities), drop_intermediate=False)
+    ok = (tpr >= target) & np.isfinite(thresholds)
+    return float(thresholds[ok].max())
+
+
+def binary_report(labels, probabilities, threshold: float) -> dict:
+    """Every metric of the evaluation report at ``threshold``; confusion matrix as [[tn, fp], [fn, tp]]."""
+    from sklearn.metrics import (
+        accuracy_score,
+        average_precision_score,
+        balanced_accuracy_score,
+        brier_score_loss,
+        confusion_matrix,
+        f1_score,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
+
+    labels, probabilities = _as_arrays(labels, probabilities)
+    predictions = (probabilities >= threshold).astype(int)
+    return {
+        "threshold": float(threshold),
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, predictions)),
+        "auc": float(roc_auc_score(labels, probabilities)),
+        "pr_auc": float(average_precision_score(labels, probabilities)),
+        "sensitivity": float(recall_score(labels, predictions, pos_label=1, zero_division=0)),
+        "specificity": float(recall_score(labels, predictions, pos_label=0, zero_division=0)),
+        "precision": float(precision_score(labels, predictions, pos_label=1, zero_division=0)),
+        "npv": float(precision_score(labels, predictions, pos_label=0, zero_division=0)),
+        "f1": float(f1_score(labels, predictions, pos_label=1, zero_division=0)),
+        "brier": float(brier_score_loss(labels, probabilities)),
+        "confusion_matrix": confusion_matrix(labels, predictions, labels=[0, 1]).tolist(),
+    }
+
+
+def bootstrap_intervals(labels, probabilities, threshold: float, resamples: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, list[float]]:
+    """Percentile bootstrap CIs (scipy.stats.bootstrap, images resampled in pairs) of the headline metrics."""
+    from scipy.stats import bootstrap
+    from sklearn.metrics import accuracy_score, recall_score, roc_auc_score
+
+    labels, probabilities = _as_arrays(labels, probabilities)
+    statistics = {
+        "accuracy": lambda y, p: accuracy_score(y, p >= threshold),
+        "auc": lambda y, p: roc_auc_score(y, p) if len(np.unique(y)) == 2 else np.nan,
+        "sensitivity": lambda y, p: recall_score(y, p >= threshold, pos_label=1, zero_division=0),
+        "specificity": lambda y, p: recall_score(y, p >= threshold, pos_label=0, zero_division=0),
+    }
+    intervals = {}
+    for name in CI_METRICS:
+        result = bootstrap((labels, probabilities), statistics[name], paired=True, vectorized=False,
+                           n_resamples=resamples, confidence_level=level, method="percentile",
+                           random_state=np.random.default_rng(seed))
+        intervals[name] = [float(result.confidence_interval.low), float(result.confidence_interval.high)]
+    return intervals

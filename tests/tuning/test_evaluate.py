@@ -1,0 +1,201 @@
+import csv
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+
+from models.package import PackageError, load_model_dir
+from tuning.cli import main
+from tuning.metrics import binary_report, bootstrap_intervals, sensitivity_threshold, youden_threshold
+
+TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8",
+        "batch_size=8", "mixed_precision=float32", "epochs=2"]
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture
+def trained(mendeley_dir, tmp_path):
+    out = tmp_path / "model"
+    assert main(["train", "--data", str(mendeley_dir), "--output", str(out), *_sets(TINY)]) == 0
+    return out
+
+
+def _evaluate(model, data, tmp_path, *extra):
+    args = ["evaluate", "--model", str(model), "--data", str(data), "--reports", str(tmp_path / "reports"),
+            "--artifacts", str(tmp_path / "artifacts"), *extra]
+    assert main(args) == 0
+    report_dir = tmp_path / "reports" / "cnn"
+    return json.loads((report_dir / "report.json").read_text()), report_dir
+
+
+def _read_predictions(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_metrics_equal_scikit_learn_on_a_known_set():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    probs = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.65, 0.3, 0.75, 0.55, 0.95])
+    report = binary_report(labels, probs, 0.5)
+    predicted = probs >= 0.5
+    assert report["confusion_matrix"] == [[3, 1], [1, 5]]  # [[tn, fp], [fn, tp]]
+    assert report["accuracy"] == pytest.approx(0.8)
+    assert report["sensitivity"] == pytest.approx(5 / 6) and report["specificity"] == pytest.approx(3 / 4)
+    assert report["precision"] == pytest.approx(5 / 6) and report["npv"] == pytest.approx(3 / 4)
+    assert report["auc"] == pytest.approx(skm.roc_auc_score(labels, probs))
+    assert report["pr_auc"] == pytest.approx(skm.average_precision_score(labels, probs))
+    assert report["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, predicted))
+    assert report["f1"] == pytest.approx(skm.f1_score(labels, predicted))
+    assert report["brier"] == pytest.approx(skm.brier_score_loss(labels, probs))
+
+
+def test_thresholds_youden_and_target_sensitivity():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    probs = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.65, 0.3, 0.75, 0.55, 0.95])
+    # J at 0.55: sens 5/6, spec 3/4 -> 0.583 (the best of the ROC points)
+    assert youden_threshold(labels, probs) == pytest.approx(0.55)
+    t = sensitivity_threshold(labels, probs, 1.0)
+    assert t == pytest.approx(0.3) and (probs[labels == 1] >= t).all()
+    assert sensitivity_threshold(labels, probs, 0.8) == pytest.approx(0.55)
+
+
+def test_bootstrap_intervals_bracket_the_point_estimate():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    probs = np.clip(labels * 0.35 + rng.random(300) * 0.65, 0, 1)
+    intervals = bootstrap_intervals(labels, probs, 0.5, resamples=300)
+    point = binary_report(labels, probs, 0.5)
+    for name, (low, high) in intervals.items():
+        assert low <= point[name] <= high and high - low < 0.3
+
+
+def test_evaluate_writes_report_plots_predictions_and_package(trained, mendeley_dir, tmp_path, capsys):
+    report, report_dir = _evaluate(trained, mendeley_dir, tmp_path)
+    printed = capsys.readouterr().out
+    assert "package: " in printed and "threshold" in printed
+    test = report["test"]
+    assert sum(map(sum, test["confusion_matrix"])) == 16
+    assert report["threshold_method"].startswith("Youden")
+    for key in ("accuracy", "balanced_accuracy", "auc", "pr_auc", "sensitivity", "specificity", "precision",
+                "npv", "f1", "brier"):
+        assert key in test and key in report["test_at_0_5"]
+    assert report["test_at_0_5"]["threshold"] == 0.5
+    assert set(report["confidence_intervals"]) == {"accuracy", "auc", "sensitivity", "specificity"}
+    assert report["counts"]["test"] == {"NORMAL": 8, "PNEUMONIA": 8}
+    assert len(report["model"]["sha256"]) == 64 and report["data"]["fingerprint"]
+    rows = _read_predictions(report_dir / "predictions.csv")
+    assert len(rows) == 16 and set(rows[0]) == {"path", "label", "prob_pneumonia", "pred"}
+    assert all(r["pred"] == ("PNEUMONIA" if float(r["prob_pneumonia"]) >= test["threshold"] else "NORMAL")
+               for r in rows)
+    for name in ("confusion_matrix", "roc", "pr", "calibration"):
+        path = report_dir / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as image:
+            image.verify()
+            assert image.size[0] >= 400 and image.size[1] >= 400
+    card = (report_dir / "report.md").read_text()
+    assert "Kermany et al. 2018" in card and "92.8 %" in card and "not a diagnostic device" in card.lower()
+    assert "grouped by patient" in card
+
+    (package,) = (tmp_path / "artifacts").iterdir()
+    metadata = json.loads((package / "metadata.json").read_text())
+    assert metadata["threshold"] == test["threshold"] and metadata["version"] == package.name
+    assert metadata["input"]["image_size"] == 32 and metadata["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert metadata["test_metrics"]["auc"] == test["auc"]
+    assert {"tensorflow", "keras"} <= set(metadata["versions"])
+    assert (package / "model.keras").read_bytes() == (trained / "model.keras").read_bytes()
+
+
+def test_threshold_never_depends_on_test_labels(trained, mendeley_dir, tmp_path):
+    first, _ = _evaluate(trained, mendeley_dir, tmp_path / "a")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(mendeley_dir, swapped)
+    (swapped / "test" / "NORMAL").rename(swapped / "test" / "tmp")
+    (swapped / "test" / "PNEUMONIA").rename(swapped / "test" / "NORMAL")
+    (swapped / "test" / "tmp").rename(swapped / "test" / "PNEUMONIA")
+    second, _ = _evaluate(trained, swapped, tmp_path / "b")
+    assert second["threshold"] == first["threshold"]
+    assert second["data"]["test_fingerprint"] != first["data"]["test_fingerprint"]
+    assert second["test"]["auc"] == pytest.approx(1 - first["test"]["auc"])
+
+
+def test_target_sensitivity_threshold_holds_on_validation(trained, mendeley_dir, tmp_path):
+    report, _ = _evaluate(trained, mendeley_dir, tmp_path, "--target-sensitivity", "0.95")
+    assert "sensitivity >= 0.95" in report["threshold_method"]
+    assert report["validation_at_threshold"]["sensitivity"] >= 0.95
+
+
+def test_package_reloads_in_a_fresh_process_and_reproduces_predictions(trained, mendeley_dir, tmp_path):
+    _, report_dir = _evaluate(trained, mendeley_dir, tmp_path)
+    (package,) = (tmp_path / "artifacts").iterdir()
+    script = (
+        "import sys, csv\n"
+        "from models.dataset import load_splits\n"
+        "from models.package import load_model_dir\n"
+        "from tuning.evaluate import predict_split\n"
+        "model, meta = load_model_dir(sys.argv[1])\n"
+        "test = load_splits(sys.argv[2]).test\n"
+        "for path, p in zip(test.paths, predict_split(model, test, meta['input']['image_size'])):\n"
+        "    print(path, repr(float(p)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(package), str(mendeley_dir)],
+                            capture_output=True, text=True, timeout=300, check=True)
+    fresh = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines())
+    rows = _read_predictions(report_dir / "predictions.csv")
+    assert {r["path"]: r["prob_pneumonia"] for r in rows} == fresh
+
+
+def test_tampered_package_is_refused(trained, mendeley_dir, tmp_path):
+    _evaluate(trained, mendeley_dir, tmp_path)
+    (package,) = (tmp_path / "artifacts").iterdir()
+    data = bytearray((package / "model.keras").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (package / "model.keras").write_bytes(bytes(data))
+    with pytest.raises(PackageError, match="checksum mismatch.*model.keras"):
+        load_model_dir(package)
+
+
+def test_evaluate_from_an_experiment_best_json(trained, mendeley_dir, tmp_path):
+    experiment = tmp_path / "experiment"
+    experiment.mkdir()
+    (experiment / "best.json").write_text(json.dumps({"trial_id": "abc_00001", "checkpoint_path": str(trained),
+                                                      "metrics": {"val_auc": 0.9}}))
+    assert main(["evaluate", "--experiment", str(experiment), "--data", str(mendeley_dir),
+                 "--reports", str(tmp_path / "r"), "--artifacts", str(tmp_path / "a")]) == 0
+    report = json.loads((tmp_path / "r" / "cnn" / "report.json").read_text())
+    assert report["model"]["produced_by"]["trial_id"] == "abc_00001"
+
+
+def test_evaluate_refuses_other_data_and_missing_experiments(trained, tmp_path, capsys):
+    from tests.conftest import write_split
+
+    other = tmp_path / "other"
+    write_split(other / "train", patients=5, seed=9, offset=40)
+    write_split(other / "test", patients=2, seed=9, offset=900)
+    assert main(["evaluate", "--model", str(trained), "--data", str(other)]) == 2
+    assert "not the data this model was trained on" in capsys.readouterr().err
+    assert main(["evaluate", "--experiment", str(tmp_path / "nothing")]) == 2
+    assert "best.json not found" in capsys.readouterr().err
+
+
+@pytest.mark.real_data
+def test_evaluation_of_a_tiny_real_model_covers_all_624_test_images(real_data, tmp_path):
+    model = tmp_path / "real-model"
+    assert main(["train", "--data", str(real_data), "--output", str(model),
+                 *_sets(["model.image_size=64", "model.depth=3", "model.base_filters=8", "epochs=1",
+                         "data.max_train_images=256", "batch_size=32"])]) == 0
+    report, report_dir = _evaluate(model, real_data, tmp_path)
+    assert report["counts"]["test"] == {"NORMAL": 234, "PNEUMONIA": 390}
+    assert report["counts"]["val"]["NORMAL"] + report["counts"]["val"]["PNEUMONIA"] + \
+        report["counts"]["train"]["NORMAL"] + report["counts"]["train"]["PNEUMONIA"] == 5216
+    rows = _read_predictions(report_dir / "predictions.csv")
+    assert len(rows) == 624 and len({r["path"] for r in rows}) == 624
+    assert sum(map(sum, report["test"]["confusion_matrix"])) == 624

@@ -1,0 +1,104 @@
+"""report.md: the model card a clinician or reviewer reads beside the numbers."""
+
+from __future__ import annotations
+
+import json
+
+REFERENCES = [
+    # name, accuracy, sensitivity, specificity, AUC (None = not reported)
+    ("Kermany et al. 2018 (InceptionV3, ImageNet weights; same 624 test images)", 0.928, 0.932, 0.901, 0.968),
+    ("MedMNIST v2 PneumoniaMNIST best (its own test split)", 0.946, None, None, 0.991),
+]
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def _ci(report: dict, name: str, scale: float = 100.0, unit: str = " %") -> str:
+    value = report["test"][name]
+    low, high = report["confidence_intervals"][name]
+    digits = 1 if scale == 100.0 else 3
+    return f"{scale * value:.{digits}f}{unit} ({scale * low:.{digits}f}-{scale * high:.{digits}f})"
+
+
+def render(report: dict) -> str:
+    test, at_half = report["test"], report["test_at_0_5"]
+    (tn, fp), (fn, tp) = test["confusion_matrix"]
+    counts = report["counts"]
+    config = report["model"]["config"]
+    lines = [
+        f"# Model card: {report['name']}",
+        "",
+        "Pneumonia vs normal on pediatric chest radiographs. **Research use only: not a diagnostic device.**",
+        "",
+        "## Result on the held-out test split",
+        "",
+        f"Threshold {test['threshold']:.4f}, chosen on the validation split only ({report['threshold_method']}); "
+        f"the test split was scored once. 95 % bootstrap confidence intervals "
+        f"({report['bootstrap_resamples']} resamples) in brackets.",
+        "",
+        "| model | accuracy | sensitivity | specificity | ROC AUC |",
+        "|---|---|---|---|---|",
+        f"| **this model** | {_ci(report, 'accuracy')} | {_ci(report, 'sensitivity')} | "
+        f"{_ci(report, 'specificity')} | {_ci(report, 'auc', 1.0, '')} |",
+    ]
+    for name, acc, sens, spec, auc in REFERENCES:
+        lines.append(f"| {name} | {_pct(acc)} | {_pct(sens)} | {_pct(spec)} | {'-' if auc is None else f'{auc:.3f}'} |")
+    lines += [
+        "",
+        "| metric | at the chosen threshold | at 0.5 |",
+        "|---|---|---|",
+    ]
+    for key, label in (("balanced_accuracy", "balanced accuracy"), ("precision", "precision (PPV)"),
+                       ("npv", "NPV"), ("f1", "F1"), ("pr_auc", "PR AUC (average precision)"),
+                       ("brier", "Brier score")):
+        lines.append(f"| {label} | {test[key]:.3f} | {at_half[key]:.3f} |")
+    lines += [
+        f"| accuracy | {test['accuracy']:.3f} | {at_half['accuracy']:.3f} |",
+        f"| sensitivity | {test['sensitivity']:.3f} | {at_half['sensitivity']:.3f} |",
+        f"| specificity | {test['specificity']:.3f} | {at_half['specificity']:.3f} |",
+        "",
+        f"Confusion matrix at the chosen threshold (NORMAL negative, PNEUMONIA positive): "
+        f"TN {tn}, FP {fp}, FN {fn}, TP {tp}.",
+        "",
+        "![ROC](roc.png) ![confusion matrix](confusion_matrix.png)",
+        "![precision-recall](pr.png) ![calibration](calibration.png)",
+        "",
+        "## Data and splits",
+        "",
+        f"- Source: `{report['data']['source']}` ({report['data']['layout']} layout), fingerprint "
+        f"`{report['data']['fingerprint']}`.",
+        f"- Validation ({counts['val']['NORMAL']} NORMAL, {counts['val']['PNEUMONIA']} PNEUMONIA) was carved from "
+        "train grouped by patient (no child on both sides), stratified by class, seeded. It chose the "
+        "training epoch, the model and the threshold.",
+        f"- Test: {counts['test']['NORMAL']} NORMAL, {counts['test']['PNEUMONIA']} PNEUMONIA, read only by this "
+        "evaluation.",
+        "",
+        "## Model and training",
+        "",
+        f"- Family `{config['model']['family']}`, input {config['model']['image_size']} x "
+        f"{config['model']['image_size']} grayscale in [0, 1]; model file sha256 `{report['model']['sha256'][:16]}...`.",
+        f"- Produced by: {report['model']['produced_by']}.",
+        f"- Best epoch {report['model'].get('best_epoch')}; validation metrics at that epoch: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in report['model'].get('validation', {}).items()),
+        "",
+        "<details><summary>Training config</summary>",
+        "",
+        "```json",
+        json.dumps(config, indent=2),
+        "```",
+        "</details>",
+        "",
+        "## Intended use and limitations",
+        "",
+        "- Intended use: research and teaching on pneumonia detection from frontal pediatric chest X-rays; "
+        "triage experiments with a human reader in the loop.",
+        "- Not a diagnostic device; not validated prospectively or on any other population.",
+        "- Data: pediatric patients aged one to five from a single centre (Guangzhou Women and Children's "
+        "Medical Center, Kermany et al. 2018). Adults, other scanners, other hospitals and other views may "
+        "behave differently; the test split itself is shifted from train (validation AUC overstates it).",
+        "- Labels are NORMAL vs PNEUMONIA (bacterial and viral merged); other findings are not modelled.",
+        "- The probability is calibrated only as far as the calibration plot shows.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -89,10 +89,13 @@ def read_metadata(directory: str | Path) -> dict:
     return json.loads((Path(directory) / METADATA_FILE).read_text())
 
 
-def load_model_dir(directory: str | Path):
-    """Verify the checksums, then load with Keras' safe mode (no arbitrary code). Returns (model, metadata)."""
+def load_model_dir(directory: str | Path, compile: bool = False):
+    """Verify the checksums, then load with Keras' safe mode (no arbitrary code). Returns (model, metadata).
+
+    ``compile=True`` also restores the optimizer and its state (to resume training).
+    """
     import keras
 
     verify_model_dir(directory)
-    model = keras.models.load_model(Path(directory) / MODEL_FILE, compile=False, safe_mode=True)
+    model = keras.models.load_model(Path(directory) / MODEL_FILE, compile=compile, safe_mode=True)
     return model, read_metadata(directory)

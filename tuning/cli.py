@@ -64,6 +64,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from tuning.run import load_tune_config, tune_experiment
+
+    tune_experiment(load_tune_config(args), args.address, args.resume)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumonia", description="Pneumonia detection on chest X-rays with Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", help="model directory (default: output_dir/name)")
     train.set_defaults(handler=_train)
 
+    from tuning.run import build_parser as add_tune_arguments
+
+    tune = commands.add_parser("tune", help="Ray Tune + Optuna search over both families (python -m tuning.run)")
+    add_tune_arguments(tune).set_defaults(handler=_tune)
+
     evaluate = commands.add_parser(
         "evaluate", help="choose the threshold on validation, score the test split once, write report and package")
     source = evaluate.add_mutually_exclusive_group(required=True)
@@ -115,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     from models.networks import WeightsUnavailableError
     from models.package import PackageError
     from tuning.evaluate import EvaluationError
+    from tuning.run import StorageError
 
     try:
         return args.handler(args)
     except (ConfigError, DataLayoutError, DownloadError, WeightsUnavailableError, PackageError, EvaluationError,
-            FileExistsError, ValueError) as exc:
+            StorageError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

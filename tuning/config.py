@@ -32,3 +32,63 @@ class TrainConfig:
             raise ValueError("learning_rate must be > 0 and weight_decay >= 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+
+
+@dataclasses.dataclass
+class SearchSpace:
+    """Bounds of the define-by-run space (see tuning/search_space.py)."""
+
+    families: list[str] = dataclasses.field(default_factory=lambda: ["cnn", "inception"])
+    cnn_image_sizes: list[int] = dataclasses.field(default_factory=lambda: [64, 96, 128])
+    inception_image_sizes: list[int] = dataclasses.field(default_factory=lambda: [75, 96, 128])
+    batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64])
+    learning_rate: list[float] = dataclasses.field(default_factory=lambda: [1e-4, 3e-3])  # log-uniform
+    cnn_depth: list[int] = dataclasses.field(default_factory=lambda: [3, 6])
+    cnn_base_filters: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32])
+    inception_trainable_blocks: list[int] = dataclasses.field(default_factory=lambda: [-1, 2, 4, 8])
+    dense_units: list[int] = dataclasses.field(default_factory=lambda: [64, 128, 256])
+
+    def __post_init__(self) -> None:
+        unknown = set(self.families) - {"cnn", "inception"}
+        if not self.families or unknown:
+            raise ValueError(f"families must be a non-empty subset of cnn, inception; got {self.families}")
+        if len(self.learning_rate) != 2 or len(self.cnn_depth) != 2:
+            raise ValueError("learning_rate and cnn_depth are [low, high] ranges")
+        if min(self.inception_image_sizes) < 75:
+            raise ValueError("inception_image_sizes must all be >= 75")
+
+
+@dataclasses.dataclass
+class TuneConfig:
+    """A tuning experiment: ``python -m tuning.run --config tuning/configs/quick.yaml``."""
+
+    name: str = "pneumonia"
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # every trial starts from this
+    space: SearchSpace = dataclasses.field(default_factory=SearchSpace)
+    searcher: Literal["optuna", "random"] = "optuna"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    num_samples: int = 8
+    max_concurrent: int = 2
+    time_budget_s: float = 0.0  # 0 = no limit
+    grace_period: int = 1  # epochs every trial gets before ASHA may stop it
+    reduction_factor: int = 2
+    seed: int = 0
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    storage_path: str = "~/ray_results"  # local dir, NFS path, s3://... or gs://...
+    shared_storage: bool = False  # set when a local-looking storage_path is shared by every node (NFS)
+    study_storage: str = ""  # Optuna RDB URL; empty = sqlite file beside the experiment (local storage)
+    points_to_evaluate: list[dict] = dataclasses.field(default_factory=list)
+    checkpoint_every: int = 0  # also checkpoint every N epochs (besides every val AUC improvement)
+    num_to_keep: int = 2
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_concurrent < 1:
+            raise ValueError("num_samples and max_concurrent must be >= 1")
+        if self.grace_period < 1 or self.grace_period > self.train.epochs:
+            raise ValueError(f"grace_period must lie in 1..train.epochs ({self.train.epochs})")
+        if self.reduction_factor < 2:
+            raise ValueError("reduction_factor must be >= 2")
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")

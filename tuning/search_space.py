@@ -1,0 +1,81 @@
+"""The define-by-run search space: Optuna picks a family first, then only that family's parameters.
+
+A trial's parameters are dotted overrides of the base ``TrainConfig`` (``model.depth``, ``learning_rate``...),
+so a sampled trial is exactly ``pneumonia train --set ...`` with those values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuning.config import SearchSpace
+
+
+class DefineByRun:
+    """``f(optuna_trial) -> dict`` for ``OptunaSearch(space=f)``; a class so the searcher can be pickled
+    into the experiment state (what ``--resume`` restores)."""
+
+    def __init__(self, space: SearchSpace):
+        self.space = space
+
+    def __call__(self, trial) -> dict[str, Any]:
+        space = self.space
+        family = trial.suggest_categorical("model.family", list(space.families))
+        params: dict[str, Any] = {
+            "model.family": family,
+            "learning_rate": trial.suggest_float("learning_rate", *space.learning_rate, log=True),
+            "batch_size": trial.suggest_categorical("batch_size", list(space.batch_sizes)),
+            "optimizer": trial.suggest_categorical("optimizer", ["adamw", "adam", "sgd"]),
+            "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True),
+            "model.dropout": trial.suggest_float("model.dropout", 0.0, 0.5),
+            "model.dense_units": trial.suggest_categorical("model.dense_units", list(space.dense_units)),
+            "data.augment": trial.suggest_float("data.augment", 0.0, 1.5),
+            "data.class_balance": trial.suggest_categorical("data.class_balance", ["class_weight", "oversample"]),
+        }
+        if family == "cnn":
+            params["model.image_size"] = trial.suggest_categorical("cnn.image_size", list(space.cnn_image_sizes))
+            params["model.depth"] = trial.suggest_int("model.depth", *space.cnn_depth)
+            params["model.base_filters"] = trial.suggest_categorical("model.base_filters", list(space.cnn_base_filters))
+            params["model.separable"] = trial.suggest_categorical("model.separable", [False, True])
+        else:
+            params["model.image_size"] = trial.suggest_categorical(
+                "inception.image_size", list(space.inception_image_sizes))
+            params["model.trainable_blocks"] = trial.suggest_categorical(
+                "model.trainable_blocks", list(space.inception_trainable_blocks))
+        return params
+
+
+def random_space(space: SearchSpace) -> dict[str, Any]:
+    """The same space as Tune domains, for the random-search baseline (families sampled uniformly;
+    family-specific keys are sampled for every trial and ignored by the other family)."""
+    from ray import tune
+
+    return {
+        "model.family": tune.choice(list(space.families)),
+        "learning_rate": tune.loguniform(*space.learning_rate),
+        "batch_size": tune.choice(list(space.batch_sizes)),
+        "optimizer": tune.choice(["adamw", "adam", "sgd"]),
+        "weight_decay": tune.loguniform(1e-6, 1e-3),
+        "model.dropout": tune.uniform(0.0, 0.5),
+        "model.dense_units": tune.choice(list(space.dense_units)),
+        "data.augment": tune.uniform(0.0, 1.5),
+        "data.class_balance": tune.choice(["class_weight", "oversample"]),
+        "cnn.image_size": tune.choice(list(space.cnn_image_sizes)),
+        "inception.image_size": tune.choice(list(space.inception_image_sizes)),
+        "model.depth": tune.randint(space.cnn_depth[0], space.cnn_depth[1] + 1),
+        "model.base_filters": tune.choice(list(space.cnn_base_filters)),
+        "model.separable": tune.choice([False, True]),
+        "model.trainable_blocks": tune.choice(list(space.inception_trainable_blocks)),
+    }
+
+
+def to_overrides(params: dict[str, Any]) -> list[str]:
+    """Sampled parameters -> ``key=value`` overrides of TrainConfig (the family picks its image size)."""
+    params = dict(params)
+    family = params.get("model.family", "cnn")
+    size = params.pop(f"{family}.image_size", None)
+    for key in ("cnn.image_size", "inception.image_size"):
+        params.pop(key, None)
+    if size is not None:
+        params["model.image_size"] = size
+    return [f"{key}={value}" for key, value in params.items()]

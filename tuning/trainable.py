@@ -1,0 +1,87 @@
+"""The Tune function trainable: the training loop of ``pneumonia train`` for one sampled configuration.
+
+Each epoch reports train and validation metrics with ``ray.tune.report``; a checkpoint (a model directory
+with optimizer state, plus the epoch counter) goes with the report when validation AUC improves or every
+``checkpoint_every`` epochs, so a trial restarted after a lost node resumes where it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "trainer_state.json"
+REPORTED = ("loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "val_sensitivity", "val_specificity",
+            "images_per_sec", "train_seconds")
+
+
+def trial_config(base: dict, params: dict[str, Any]):
+    """The base TrainConfig with a trial's sampled parameters applied."""
+    from models.config import apply_overrides, from_dict
+    from tuning.config import TrainConfig
+    from tuning.search_space import to_overrides
+
+    return from_dict(TrainConfig, apply_overrides(base, to_overrides(params)))
+
+
+def _trial_cpus() -> int:
+    from ray import tune
+
+    resources = tune.get_context().get_trial_resources()
+    cpus = sum(bundle.get("CPU", 0) for bundle in resources.bundles) if resources else 0
+    return max(1, int(cpus))
+
+
+def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -> None:
+    """Tune entry point: ``tune.with_parameters(train_trial, base=..., checkpoint_every=...)``."""
+    import keras
+    from ray import tune
+
+    from models.package import load_model_dir, save_model_dir
+    from models.runtime import configure_tensorflow
+    from tuning.train import FitResult, fit, load_data, model_metadata
+
+    config = trial_config(base, params)
+    config = dataclasses.replace(config, name=f"{config.name}-{tune.get_context().get_trial_id()}")
+    # Threads and GPU memory growth before any TF op; fractional GPUs then share a card.
+    runtime = configure_tensorflow(_trial_cpus(), config.mixed_precision)
+    splits = load_data(config)
+
+    model, initial_epoch, best_auc, history = None, 0, float("-inf"), []
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = json.loads((Path(directory) / STATE_FILE).read_text())
+            model, _ = load_model_dir(directory, compile=True)
+        initial_epoch, best_auc, history = state["epoch"], state["best_auc"], state["history"]
+        print(f"resuming trial from its checkpoint at epoch {initial_epoch}")
+
+    class ReportToTune(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            nonlocal best_auc
+            metrics = {k: float(logs[k]) for k in REPORTED if k in logs}
+            metrics["epoch"] = epoch + 1
+            history.append(metrics)
+            improved = metrics["val_auc"] > best_auc
+            periodic = checkpoint_every and (epoch + 1) % checkpoint_every == 0
+            if not (improved or periodic or epoch + 1 == config.epochs):
+                tune.report(metrics)
+                return
+            best_auc = max(best_auc, metrics["val_auc"])
+            result = FitResult(model=self.model, history=history, best_epoch=epoch + 1, runtime=runtime)
+            with tempfile.TemporaryDirectory() as directory:
+                save_model_dir(self.model, model_metadata(config, splits, result), directory)
+                state = {"epoch": epoch + 1, "best_auc": best_auc, "history": history}
+                (Path(directory) / STATE_FILE).write_text(json.dumps(state))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+    fit(config, splits, model=model, initial_epoch=initial_epoch, callbacks=[ReportToTune()],
+        runtime=runtime, log=lambda line: print(line, flush=True))
+
+
+def trial_dirname(trial) -> str:
+    """Short trial dirs (Tune's default packs every parameter into the name)."""
+    return f"{trial.config.get('model.family', 'trial')}_{trial.trial_id}"

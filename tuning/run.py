@@ -47,8 +47,14 @@ def check_storage(config: TuneConfig, alive_nodes: int) -> None:
         )
 
 
+def join_uri(base: str, *parts: str) -> str:
+    """Append path parts to a local path or URI, before any ``?query`` (s3://b/x?endpoint_override=...)."""
+    path, sep, query = base.partition("?")
+    return "/".join([path.rstrip("/"), *parts]) + sep + query
+
+
 def experiment_path(config: TuneConfig) -> str:
-    return f"{local_storage(config.storage_path).rstrip('/')}/{config.name}"
+    return join_uri(local_storage(config.storage_path), config.name)
 
 
 def study_storage_url(config: TuneConfig) -> str:
@@ -182,15 +188,16 @@ def write_best(results, config: TuneConfig, log: Callable[[str], None]) -> dict:
     if is_remote(config.storage_path):
         import pyarrow.fs
 
-        fs, path = pyarrow.fs.FileSystem.from_uri(experiment_path(config))
-        with fs.open_output_stream(f"{path}/best.json") as f:
+        fs, path = pyarrow.fs.FileSystem.from_uri(join_uri(experiment_path(config), "best.json"))
+        with fs.open_output_stream(path) as f:
             f.write(text.encode())
         local_copy = Path(checkpoint_path).parent / "best.json"
         local_copy.write_text(text)
+        log(f"local copy for `pneumonia evaluate --experiment {local_copy.parent}`: {local_copy}")
     else:
         Path(experiment_path(config), "best.json").write_text(text)
     log(f"best trial {summary['trial_id']} ({summary['family']}): val_auc {summary['metrics'].get(METRIC):.4f}")
-    log(f"best.json: {experiment_path(config)}/best.json")
+    log(f"best.json: {join_uri(experiment_path(config), 'best.json')}")
     return summary
 
 

@@ -155,7 +155,7 @@ def fit(
         {"epoch": initial_epoch + i + 1, **{k: float(v[i]) for k, v in history.history.items()}}
         for i in range(len(history.epoch))
     ]
-    best_epoch = best.best_epoch + 1 if best.best_weights is not None else epochs[-1]["epoch"]
+    best_epoch = best.best_epoch + 1 if best.best_weights is not None else initial_epoch
     return FitResult(model=model, history=epochs, best_epoch=best_epoch, runtime=runtime)
 
 

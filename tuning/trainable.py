@@ -58,12 +58,22 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
             model, _ = load_model_dir(directory, compile=True)
         initial_epoch, best_auc, history = state["epoch"], state["best_auc"], state["history"]
         print(f"resuming trial from its checkpoint at epoch {initial_epoch}")
+        if initial_epoch >= config.epochs:  # stopped right after its last epoch: nothing left to train
+            return
+
+    import ray
+
+    placement = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+        "start_epoch": initial_epoch,  # > 0 after a restart from a checkpoint
+    }
 
     class ReportToTune(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             nonlocal best_auc
             metrics = {k: float(logs[k]) for k in REPORTED if k in logs}
-            metrics["epoch"] = epoch + 1
+            metrics.update(placement, epoch=epoch + 1)
             history.append(metrics)
             improved = metrics["val_auc"] > best_auc
             periodic = checkpoint_every and (epoch + 1) % checkpoint_every == 0

@@ -1,0 +1,165 @@
+"""Real services on loopback for the tests: a multi-node Ray cluster and an S3 server (moto).
+
+Each is started in its own process group and stopped by that group, never by a bare ``ray stop``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    if process.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class LocalRayCluster:
+    """``ray start --head`` plus worker nodes on one machine, each with its own temp dir, under token auth."""
+
+    def __init__(self, root: Path, cpus: int = 1, gpus: int = 1, workers: int = 1, env: dict | None = None):
+        self.root = root
+        self.cpus, self.gpus, self.workers = cpus, gpus, workers
+        self.port, self.dashboard_port = free_port(), free_port()
+        token_path = root / "auth_token"
+        token_path.write_text(secrets.token_hex(32))
+        self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
+                    "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+        self.nodes: dict[str, subprocess.Popen] = {}
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, name: str, args: list[str]) -> None:
+        temp = self.root / f"ray-{name}"  # short paths: Ray's unix sockets live under the temp dir
+        log = open(self.root / f"{name}.log", "w")
+        self.nodes[name] = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", "--temp-dir", str(temp), "--num-cpus", str(self.cpus),
+             "--num-gpus", str(self.gpus), "--node-ip-address", "127.0.0.1", *args],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def start(self) -> LocalRayCluster:
+        self._start("head", ["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
+                             "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port",
+                             str(free_port() % 1000 + 20000), "--include-dashboard", "true"])
+        self.wait_for_nodes(1)
+        for i in range(self.workers):
+            self.start_worker(f"worker{i}")
+        self.wait_for_nodes(1 + self.workers)
+        return self
+
+    def start_worker(self, name: str) -> None:
+        self._start(name, ["--address", self.address])
+
+    def list_nodes(self) -> list[dict]:
+        out = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", self.dashboard, "--format", "json",
+                              "--detail"], env=self.env, capture_output=True, text=True, timeout=60)
+        return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else []
+
+    def alive_nodes(self) -> list[dict]:
+        return [n for n in self.list_nodes() if n.get("state") == "ALIVE"]
+
+    def wait_for_nodes(self, n: int, timeout: float = 120.0) -> list[dict]:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            for name, process in self.nodes.items():
+                if process.poll() is not None:
+                    raise RuntimeError(f"ray node {name} exited: {(self.root / f'{name}.log').read_text()[-3000:]}")
+            nodes = self.alive_nodes()
+            if len(nodes) >= n:
+                return nodes
+            time.sleep(1)
+        raise TimeoutError(f"{n} Ray nodes not alive after {timeout} s")
+
+    def raylet_pid(self, name: str) -> int:
+        """The raylet of node ``name`` (found by its temp dir on the command line)."""
+        marker = str(self.root / f"ray-{name}")
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "/raylet" in cmdline.split(" ")[0] and marker in cmdline:
+                return int(proc.name)
+        raise LookupError(f"no raylet for {name}")
+
+    def stop(self) -> None:
+        for process in reversed(list(self.nodes.values())):
+            stop_group(process)
+
+
+class MotoS3:
+    """An S3-compatible server on loopback (moto_server) with one bucket."""
+
+    def __init__(self, root: Path, bucket: str = "pneumonia-test"):
+        self.port = free_port()
+        self.bucket = bucket
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+                    "AWS_DEFAULT_REGION": "us-east-1"}
+        self.log = open(root / "moto.log", "w")
+        self.process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def uri(self, path: str) -> str:
+        return f"s3://{self.bucket}/{path}?endpoint_override=127.0.0.1:{self.port}&scheme=http"
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def start(self) -> MotoS3:
+        deadline = time.time() + 60
+        while True:
+            try:
+                self.client().create_bucket(Bucket=self.bucket)
+                return self
+            except Exception:
+                if time.time() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(0.5)
+
+    def keys(self) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    def stop(self) -> None:
+        stop_group(self.process)

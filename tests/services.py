@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +53,8 @@ class LocalRayCluster:
         self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
                     "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
         self.nodes: dict[str, subprocess.Popen] = {}
+        # Ray's unix sockets live under each node's temp dir and must stay under 107 bytes: keep it short.
+        self.temp_root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
 
     @property
     def address(self) -> str:
@@ -61,7 +65,7 @@ class LocalRayCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _start(self, name: str, args: list[str]) -> None:
-        temp = self.root / f"ray-{name}"  # short paths: Ray's unix sockets live under the temp dir
+        temp = self.temp_root / name
         log = open(self.root / f"{name}.log", "w")
         self.nodes[name] = subprocess.Popen(
             [str(BIN / "ray"), "start", "--block", "--temp-dir", str(temp), "--num-cpus", str(self.cpus),
@@ -85,7 +89,10 @@ class LocalRayCluster:
     def list_nodes(self) -> list[dict]:
         out = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", self.dashboard, "--format", "json",
                               "--detail"], env=self.env, capture_output=True, text=True, timeout=60)
-        return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else []
+        try:
+            return json.loads(out.stdout) if out.returncode == 0 else []
+        except json.JSONDecodeError:  # "No resource in the cluster" while nodes register
+            return []
 
     def alive_nodes(self) -> list[dict]:
         return [n for n in self.list_nodes() if n.get("state") == "ALIVE"]
@@ -104,7 +111,7 @@ class LocalRayCluster:
 
     def raylet_pid(self, name: str) -> int:
         """The raylet of node ``name`` (found by its temp dir on the command line)."""
-        marker = str(self.root / f"ray-{name}")
+        marker = str(self.temp_root / name)
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
@@ -119,6 +126,7 @@ class LocalRayCluster:
     def stop(self) -> None:
         for process in reversed(list(self.nodes.values())):
             stop_group(process)
+        shutil.rmtree(self.temp_root, ignore_errors=True)
 
 
 class MotoS3:

@@ -92,9 +92,13 @@ class CompactProgress:
                 log(f"[{time.strftime('%H:%M:%S')}] {trial.trial_id} finished "
                     f"(best val_auc {trial.metric_analysis.get(METRIC, {}).get('max', float('nan')):.4f})")
 
+            def on_trial_recover(self, iteration, trials, trial, **info):
+                log(f"[{time.strftime('%H:%M:%S')}] {trial.trial_id} lost its worker or failed; retrying from its "
+                    "last checkpoint")
+
             def on_trial_error(self, iteration, trials, trial, **info):
-                log(f"[{time.strftime('%H:%M:%S')}] {trial.trial_id} failed; Tune retries it from its checkpoint "
-                    "while max_failures allows")
+                log(f"[{time.strftime('%H:%M:%S')}] {trial.trial_id} failed for good (max_failures reached); "
+                    f"see {trial.path}/error.txt")
 
         return _Progress()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
     from models.runtime import configure_tensorflow
     from tuning.train import FitResult, fit, load_data, model_metadata
 
+    entered = time.perf_counter()
     config = trial_config(base, params)
     config = dataclasses.replace(config, name=f"{config.name}-{tune.get_context().get_trial_id()}")
     # Threads and GPU memory growth before any TF op; fractional GPUs then share a card.
@@ -70,10 +72,14 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
     }
 
     class ReportToTune(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.loop_start = time.perf_counter()
+            placement["setup_seconds"] = self.loop_start - entered  # TF start, data listing, model build
+
         def on_epoch_end(self, epoch, logs=None):
             nonlocal best_auc
             metrics = {k: float(logs[k]) for k in REPORTED if k in logs}
-            metrics.update(placement, epoch=epoch + 1)
+            metrics.update(placement, epoch=epoch + 1, loop_seconds=time.perf_counter() - self.loop_start)
             history.append(metrics)
             improved = metrics["val_auc"] > best_auc
             periodic = checkpoint_every and (epoch + 1) % checkpoint_every == 0

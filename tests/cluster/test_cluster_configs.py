@@ -1,0 +1,105 @@
+"""The cluster configs: Ray's own validation of the launcher file, KubeRay structure, pinned versions,
+and the local multi-node recipe run for real."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from models.config import load_config
+from tests.services import BIN, free_port
+from tuning.config import TuneConfig
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            pins[name.lower()] = version.strip()
+    return pins
+
+
+def test_lock_file_pins_the_stack():
+    pins = _pins()
+    assert pins["ray"] == "2.60.0" and pins["tensorflow"] == "2.21.0"
+    assert pins["keras"].startswith("3.")
+    for name in ("optuna", "scikit-learn", "pillow", "pyyaml"):
+        assert name in pins
+
+
+def test_aws_launcher_config_passes_rays_validation_and_installs_the_pins():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    validate_config(prepare_config(config))  # what `ray up` does: fill Ray's defaults, check Ray's schema
+    assert config["docker"]["image"] == f"rayproject/ray:{_pins()['ray']}-py311-gpu"
+    setup = " ".join(config["setup_commands"])
+    assert "-c ~/pneumonia/constraints.txt" in setup and f"tensorflow[and-cuda]=={_pins()['tensorflow']}" in setup
+    workers = config["available_node_types"]["gpu_worker"]
+    assert workers["node_config"]["InstanceType"].startswith("g5")
+    assert workers["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert workers["max_workers"] > workers["min_workers"] == 0
+    assert "~/.ray/auth_token" in config["file_mounts"]
+    for command in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]:
+        assert command.startswith("RAY_AUTH_MODE=token ray start")
+
+
+def test_kuberay_rayjob_runs_the_tuning_job_on_the_pinned_image():
+    job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob-tune.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert spec["rayClusterSpec"]["rayVersion"] == _pins()["ray"]
+    match = re.search(r"--config (\S+)", spec["entrypoint"])
+    assert spec["entrypoint"].startswith("python -m tuning.run") and match
+    load_config(TuneConfig, REPO / match.group(1))
+    containers = [spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]]
+    for group in spec["rayClusterSpec"]["workerGroupSpecs"]:
+        containers.append(group["template"]["spec"]["containers"][0])
+        assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    images = {c["image"] for c in containers}
+    assert len(images) == 1
+    for container in containers:
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"].endswith("auth_token")
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{_pins()['ray']}-py311-gpu" in dockerfile
+    assert "-c constraints.txt" in dockerfile
+
+
+@pytest.mark.slow
+def test_local_multi_node_recipe_starts_and_stops_its_own_nodes(tmp_path):
+    state = Path("/tmp") / f"plc-{os.getpid()}"  # short: Ray's socket paths live under it
+    env = {**os.environ, "HOME": str(tmp_path), "PATH": f"{BIN}:{os.environ['PATH']}",
+           "PNEUMONIA_CLUSTER_DIR": str(state), "RAY_PORT": str(free_port()),
+           "RAY_DASHBOARD_PORT": str(free_port())}
+    script = str(CLUSTER / "local-cluster.sh")
+    try:
+        started = subprocess.run(["bash", script, "start", "1", "1", "1"], env=env, capture_output=True, text=True,
+                                 timeout=180)
+        assert started.returncode == 0, started.stderr[-3000:]
+        assert "(2 nodes)" in started.stdout
+        status = subprocess.run([str(BIN / "ray"), "status", "--address", f"127.0.0.1:{env['RAY_PORT']}"],
+                                env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=60)
+        assert "2.0 GPU" in status.stdout and "2.0 CPU" in status.stdout
+    finally:
+        pgids = [int(p.read_text()) for p in state.glob("*.pgid")]
+        subprocess.run(["bash", script, "stop"], env=env, timeout=60)
+    for pgid in pgids:  # every process group the recipe started is gone
+        for _ in range(30):
+            alive = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True).returncode == 0
+            if not alive:
+                break
+            import time
+
+            time.sleep(1)
+        assert not alive, f"process group {pgid} still running"

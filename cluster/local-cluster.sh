@@ -36,11 +36,20 @@ case "${1:-}" in
     echo "Ray at 127.0.0.1:$PORT, dashboard http://127.0.0.1:$DASHBOARD_PORT ($((workers + 1)) nodes)"
     ;;
   stop)
+    groups=()
     for f in "$STATE"/*.pgid; do
       [ -e "$f" ] || continue
-      kill -TERM -- "-$(cat "$f")" 2>/dev/null || true
+      groups+=("$(cat "$f")")
       rm -f "$f"
     done
+    for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+    for _ in $(seq 1 20); do   # up to 10 s to exit cleanly, then SIGKILL what is left
+      left=0
+      for g in "${groups[@]}"; do kill -0 -- "-$g" 2>/dev/null && left=1; done
+      [ "$left" = 0 ] && break
+      sleep 0.5
+    done
+    for g in "${groups[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
     ;;
   *) echo "usage: $0 start [WORKERS] [CPUS] [GPUS] | stop" >&2; exit 2 ;;
 esac

@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from models.config import load_config
-from tests.services import BIN, free_port
+from tests.services import BIN, free_port, group_alive
 from tuning.config import TuneConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,12 +95,9 @@ def test_local_multi_node_recipe_starts_and_stops_its_own_nodes(tmp_path):
     finally:
         pgids = [int(p.read_text()) for p in state.glob("*.pgid")]
         subprocess.run(["bash", script, "stop"], env=env, timeout=60)
+    assert len(pgids) == 2
+    deadline = time.time() + 15
+    while any(group_alive(g) for g in pgids) and time.time() < deadline:
+        time.sleep(0.5)
     for pgid in pgids:  # every process group the recipe started is gone
-        for _ in range(30):
-            alive = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True).returncode == 0
-            if not alive:
-                break
-            import time
-
-            time.sleep(1)
-        assert not alive, f"process group {pgid} still running"
+        assert not group_alive(pgid), f"process group {pgid} still running"

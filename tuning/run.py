@@ -69,11 +69,17 @@ def study_storage_url(config: TuneConfig) -> str:
     return f"sqlite:///{base / (config.name + '-optuna.db')}"
 
 
+def print_line(line: str) -> None:
+    print(line, flush=True)
+
+
 class CompactProgress:
     """One line per reported result instead of Tune's redrawn tables."""
 
     @staticmethod
     def make(log: Callable[[str], None]):
+        """``log`` must pickle by reference (a module-level function): Tune pickles its callbacks with the
+        experiment state, and a Ray job's patched ``print`` does not pickle."""
         from ray import tune
 
         class _Progress(tune.Callback):
@@ -146,7 +152,7 @@ def make_trainable(config: TuneConfig):
     return tune.with_resources(trainable, resources)
 
 
-def run_config(config: TuneConfig, log: Callable[[str], None]):
+def run_config(config: TuneConfig):
     from ray import tune
 
     return tune.RunConfig(
@@ -155,7 +161,7 @@ def run_config(config: TuneConfig, log: Callable[[str], None]):
         checkpoint_config=tune.CheckpointConfig(num_to_keep=config.num_to_keep, checkpoint_score_attribute=METRIC,
                                                 checkpoint_score_order=MODE),
         failure_config=tune.FailureConfig(max_failures=config.max_failures),
-        callbacks=[CompactProgress.make(log)],
+        callbacks=[CompactProgress.make(print_line)],
         verbose=0,
     )
 
@@ -238,7 +244,7 @@ def tune_experiment(config: TuneConfig, address: str | None = None, resume: bool
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, trial_dirname_creator=trial_dirname,
                                         num_samples=config.num_samples,
                                         time_budget_s=config.time_budget_s or None),
-            run_config=run_config(config, log),
+            run_config=run_config(config),
         )
     results = tuner.fit()
     summary = write_best(results, config, log)

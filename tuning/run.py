@@ -130,7 +130,8 @@ def make_search(config: TuneConfig):
 
     searcher = OptunaSearch(
         space=DefineByRun(config.space),
-        metric=METRIC,
+        # Optuna records a trial's last reported value: the best-so-far AUC makes that its best epoch's.
+        metric="best_val_auc",
         mode=MODE,
         sampler=optuna.samplers.TPESampler(seed=config.seed),
         study_name=config.name,

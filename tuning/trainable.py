@@ -82,6 +82,7 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
             metrics.update(placement, epoch=epoch + 1, loop_seconds=time.perf_counter() - self.loop_start)
             history.append(metrics)
             improved = metrics["val_auc"] > best_auc
+            metrics["best_val_auc"] = max(best_auc, metrics["val_auc"])  # what Optuna learns from
             periodic = checkpoint_every and (epoch + 1) % checkpoint_every == 0
             if not (improved or periodic or epoch + 1 == config.epochs):
                 tune.report(metrics)

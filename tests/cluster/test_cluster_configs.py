@@ -101,3 +101,33 @@ def test_local_multi_node_recipe_starts_and_stops_its_own_nodes(tmp_path):
         time.sleep(0.5)
     for pgid in pgids:  # every process group the recipe started is gone
         assert not group_alive(pgid), f"process group {pgid} still running"
+
+
+def test_kuberay_rayservice_serves_the_projects_app_on_the_same_image():
+    import importlib
+
+    service = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
+    job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob-tune.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    spec = service["spec"]
+    assert spec["rayClusterConfig"]["rayVersion"] == _pins()["ray"]
+    serve_config = yaml.safe_load(spec["serveConfigV2"])
+    (application,) = serve_config["applications"]
+    module, _, builder = application["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), builder))
+    deployments = {d["name"]: d for d in application["deployments"]}
+    assert deployments["Classifier"]["user_config"]["package"] == application["args"]["package"]
+    scaling = deployments["Classifier"]["autoscaling_config"]
+    assert scaling["min_replicas"] <= scaling["max_replicas"]
+    head = spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    job_head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["image"] == job_head["image"]
+    assert {"name": "RAY_AUTH_MODE", "value": "token"} in head["env"]
+
+
+def test_serve_config_file_points_at_the_app_and_binds_to_loopback():
+    config = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
+    assert config["http_options"]["host"] == "127.0.0.1"
+    (application,) = config["applications"]
+    assert application["import_path"] == "serving.app:build_app"
+    assert {d["name"] for d in application["deployments"]} == {"Classifier", "Api"}

@@ -8,7 +8,6 @@ training used; only the model call is batched (``@serve.batch``). A new ``packag
 swaps the model on live replicas (``reconfigure``).
 """
 
-from __future__ import annotations
 
 import asyncio
 import io
@@ -96,7 +95,7 @@ class Classifier:
         }
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _predict(self, images: list[np.ndarray]) -> list[tuple[float, int]]:
+    async def _predict(self, images: "list[np.ndarray]") -> "list[tuple[float, int]]":
         probabilities = np.asarray(self.model.predict_on_batch(np.stack(images))).reshape(-1)
         return [(float(p), len(images)) for p in probabilities]
 

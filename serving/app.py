@@ -10,8 +10,8 @@ swaps the model on live replicas (``reconfigure``).
 
 
 import asyncio
-import io
 import os
+import secrets
 from typing import Any
 
 import numpy as np
@@ -19,37 +19,11 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-ACCEPTED_TYPES = ("image/jpeg", "image/png")
+from serving.decode import ACCEPTED_TYPES, InvalidImage, decode_request, sniff_content_type
+
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # above this a small file is a decompression bomb, not an X-ray
-
-
-class InvalidImage(ValueError):
-    """The request's bytes are not an image this endpoint can classify."""
-
-
-def decode_request(body: bytes, content_type: str, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Request bytes -> the model input (S, S, 1) float32, through the training preprocessing."""
-    from PIL import Image, UnidentifiedImageError
-
-    from models.preprocessing import decode_image, preprocess
-
-    if not body:
-        raise InvalidImage("empty request body: send the image bytes")
-    try:
-        with Image.open(io.BytesIO(body)) as header:  # reads the header only: size before any decoding
-            width, height = header.size
-            kind = header.format
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InvalidImage(f"the body is not a readable image ({content_type}): {exc}") from None
-    if width * height > max_pixels:
-        raise InvalidImage(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
-    if kind not in ("JPEG", "PNG"):
-        raise InvalidImage(f"unsupported image format {kind}; send JPEG or PNG")
-    try:
-        return preprocess(decode_image(body), image_size).numpy()
-    except Exception as exc:  # a truncated or corrupt stream fails in the decoder
-        raise InvalidImage(f"the image could not be decoded (truncated or corrupt?): {exc}") from None
+TOKEN_ENV = "PNEUMONIA_API_TOKEN"
 
 
 @serve.deployment(
@@ -120,9 +94,44 @@ api = FastAPI(title="Pneumonia classifier", description="Chest X-ray pneumonia c
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(api)
 class Api:
-    def __init__(self, classifier: DeploymentHandle, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    def __init__(self, classifier: DeploymentHandle, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 auth_token: str = ""):
         self.classifier = classifier
         self.max_body_bytes = max_body_bytes
+        self.auth_token = auth_token or os.environ.get(TOKEN_ENV, "")
+
+    def _authorize(self, request: Request) -> None:
+        if not self.auth_token:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip(), self.auth_token):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_image(self, request: Request) -> tuple[bytes, str]:
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > self.max_body_bytes:
+            raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {self.max_body_bytes}")
+        if content_type == "multipart/form-data":
+            form = await request.form()
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise HTTPException(400, "missing multipart field 'file' (the image)")
+            body = await upload.read()
+            content_type = (upload.content_type or "").lower()
+            if content_type not in ACCEPTED_TYPES:
+                content_type = sniff_content_type(body) or content_type
+        elif content_type in ACCEPTED_TYPES:
+            body = await request.body()
+        else:
+            raise HTTPException(415, f"unsupported Content-Type {content_type or '(none)'!r}; send one of "
+                                     f"{', '.join(ACCEPTED_TYPES)} or multipart/form-data with a 'file' field")
+        if len(body) > self.max_body_bytes:
+            raise HTTPException(413, f"body of {len(body)} bytes exceeds the limit of {self.max_body_bytes}")
+        if content_type not in ACCEPTED_TYPES:
+            raise HTTPException(415, f"unsupported upload type {content_type or '(none)'!r}; send one of "
+                                     f"{', '.join(ACCEPTED_TYPES)}")
+        return body, content_type
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
@@ -134,16 +143,9 @@ class Api:
 
     @api.post("/predict")
     async def predict(self, request: Request, response: Response) -> dict:
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type not in ACCEPTED_TYPES:
-            raise HTTPException(415, f"unsupported Content-Type {content_type or '(none)'!r}; send one of "
-                                     f"{', '.join(ACCEPTED_TYPES)}")
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > self.max_body_bytes:
-            raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {self.max_body_bytes}")
-        body = await request.body()
-        if len(body) > self.max_body_bytes:
-            raise HTTPException(413, f"body of {len(body)} bytes exceeds the limit of {self.max_body_bytes}")
+        """The image as the raw body (image/jpeg, image/png, application/dicom) or multipart field 'file'."""
+        self._authorize(request)
+        body, content_type = await self._read_image(request)
         try:
             result = await self.classifier.predict.remote(body, content_type)
         except InvalidImage as exc:
@@ -153,9 +155,13 @@ class Api:
 
 
 def build_app(args: dict) -> serve.Application:
-    """Builder for ``serve run`` / ``serve deploy``: ``args`` = {package, max_body_bytes?, max_pixels?}."""
-    if "package" not in args:
+    """Builder for ``serve run`` / ``serve deploy``. ``args``: package (required), replicas (a fixed count
+    instead of autoscaling), max_body_bytes, max_pixels, auth_token (else $PNEUMONIA_API_TOKEN)."""
+    if not args.get("package"):
         raise ValueError("serving needs args.package: the model package directory (artifacts/VERSION)")
-    classifier = Classifier.options(user_config={"package": str(args["package"])}).bind(
-        int(args.get("max_pixels", DEFAULT_MAX_PIXELS)))
-    return Api.bind(classifier, int(args.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)))
+    options: dict[str, Any] = {"user_config": {"package": str(args["package"])}}
+    if args.get("replicas"):
+        options.update(num_replicas=int(args["replicas"]), autoscaling_config=None)
+    classifier = Classifier.options(**options).bind(int(args.get("max_pixels", DEFAULT_MAX_PIXELS)))
+    return Api.bind(classifier, int(args.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
+                    str(args.get("auth_token", "")))

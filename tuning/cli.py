@@ -71,6 +71,19 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from serving.launch import serve_model
+
+    serve_model(args.model, args.replicas, args.address, args.host, args.port)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from serving.client import predict_files
+
+    return predict_files(args.images, args.url, args.token or "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumonia", description="Pneumonia detection on chest X-rays with Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--artifacts", default="artifacts", help="packages go to ARTIFACTS/VERSION/ (default: artifacts)")
     evaluate.add_argument("--name", help="report name (default: the training config's name)")
     evaluate.set_defaults(handler=_evaluate)
+
+    serve = commands.add_parser("serve", help="deploy a model package with Ray Serve and keep serving")
+    serve.add_argument("--model", required=True, help="model package (artifacts/VERSION) or model directory")
+    serve.add_argument("--replicas", type=int, default=0, help="fixed replica count (default: autoscaling 1-2)")
+    serve.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(handler=_serve)
+
+    predict = commands.add_parser("predict", help="classify images with a running endpoint")
+    predict.add_argument("images", nargs="+", help="JPEG, PNG or DICOM files")
+    predict.add_argument("--url", default="http://127.0.0.1:8000")
+    predict.add_argument("--token", help="bearer token (default: $PNEUMONIA_API_TOKEN)")
+    predict.set_defaults(handler=_predict)
     return parser
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from tests.services import free_port
 from tuning.cli import main
 
 pytestmark = pytest.mark.slow
+TOKEN = "test-token-0123"
 TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8", "batch_size=8",
         "mixed_precision=float32", "epochs=1"]
 
@@ -50,18 +52,20 @@ def endpoint(package):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"package": str(package[0]), "max_body_bytes": 2_000_000, "max_pixels": 4_000_000}),
-                  name="pneumonia", route_prefix="/")
+        serve.run(build_app({"package": str(package[0]), "max_body_bytes": 2_000_000, "max_pixels": 4_000_000,
+                             "auth_token": TOKEN}), name="pneumonia", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def _post(url: str, body: bytes, content_type: str | None = "image/jpeg") -> tuple[int, dict, dict]:
+def _post(url: str, body: bytes, content_type: str | None = "image/jpeg", token: str | None = "TOKEN"):
     request = urllib.request.Request(f"{url}/predict", data=body, method="POST")
     if content_type:
         request.add_header("Content-Type", content_type)
+    if token:
+        request.add_header("Authorization", f"Bearer {TOKEN if token == 'TOKEN' else token}")
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read()), dict(response.headers)
@@ -85,8 +89,58 @@ def test_served_probabilities_equal_the_evaluation(endpoint, package):
     pixels = tf.io.decode_jpeg(Path(row["path"]).read_bytes(), channels=3).numpy()
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
+    expected = float(row["prob_pneumonia"])
     status, body, _ = _post(endpoint, buffer.getvalue(), "image/png")
-    assert status == 200 and body["probability"] == pytest.approx(float(row["prob_pneumonia"]), abs=1e-5)
+    assert status == 200 and body["probability"] == pytest.approx(expected, abs=1e-5)
+    gray = pixels[..., 0]
+    assert (pixels == gray[..., None]).all()  # the films are gray stored as RGB
+    sixteen = io.BytesIO()
+    Image.fromarray(gray.astype(np.uint16) * 257).save(sixteen, format="PNG")
+    rgba = io.BytesIO()
+    Image.fromarray(np.dstack([pixels, np.full_like(gray, 255)])).save(rgba, format="PNG")
+    for data, kind in ((sixteen.getvalue(), "image/png"), (rgba.getvalue(), "image/png"),
+                       (_dicom(gray), "application/dicom"), (_dicom(gray.astype(np.uint16) * 257, bits=16), "application/dicom"),
+                       (_dicom(255 - gray, photometric="MONOCHROME1"), "application/dicom")):
+        status, body, _ = _post(endpoint, data, kind)
+        assert status == 200 and body["probability"] == pytest.approx(expected, abs=1e-5), (kind, body)
+    # multipart upload of the same file
+    status, body = _multipart(endpoint, Path(row["path"]).read_bytes(), "image/jpeg")
+    assert status == 200 and body["probability"] == pytest.approx(expected, abs=1e-5)
+
+
+def _dicom(pixels: np.ndarray, bits: int = 8, photometric: str = "MONOCHROME2") -> bytes:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit, ds.PixelRepresentation = bits - 1, 0
+    ds.PixelData = pixels.astype(np.uint8 if bits == 8 else np.uint16).tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _multipart(url: str, data: bytes, content_type: str, field: str = "file", token: str = TOKEN):
+    boundary = "----pneumonia-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"x\"\r\n"
+            f"Content-Type: {content_type}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{url}/predict", data=body, method="POST", headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}", "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def test_health_and_metadata(endpoint, package):
@@ -114,8 +168,24 @@ def test_bad_input_gets_a_4xx_with_a_reason_and_the_service_stays_up(endpoint, p
     for body, content_type, code, reason in cases:
         status, answer, _ = _post(endpoint, body, content_type)
         assert status == code and reason in answer["detail"], (content_type, status, answer)
+    status, answer = _multipart(endpoint, jpeg, "image/jpeg", field="image")
+    assert status == 400 and "missing multipart field 'file'" in answer["detail"]
+    status, answer, _ = _post(endpoint, b"\0" * 128 + b"DICM" + b"\x02\x00garbage", "application/dicom")
+    assert status == 400 and "malformed DICOM" in answer["detail"]
     status, _, _ = _post(endpoint, jpeg)
     assert status == 200
+    with urllib.request.urlopen(f"{endpoint}/healthz", timeout=30) as response:
+        assert response.status == 200
+
+
+def test_bearer_token_guards_predict_but_not_health(endpoint, package):
+    jpeg = next(Path(r["path"]) for r in csv.DictReader(open(package[1]))).read_bytes()
+    for token in (None, "wrong-token"):
+        status, answer, headers = _post(endpoint, jpeg, token=token)
+        assert status == 401 and "bearer token" in answer["detail"]
+    assert _post(endpoint, jpeg)[0] == 200
+    with urllib.request.urlopen(f"{endpoint}/healthz", timeout=30) as response:
+        assert response.status == 200
 
 
 def test_concurrent_requests_are_batched(endpoint, package):
@@ -127,3 +197,55 @@ def test_concurrent_requests_are_batched(endpoint, package):
     sizes = [int(headers["x-batch-size"] if "x-batch-size" in headers else headers["X-Batch-Size"])
              for _, _, headers in results]
     assert max(sizes) > 1
+
+
+def test_predict_cli_prints_one_line_per_image_and_fails_on_errors(endpoint, package, tmp_path, capsys):
+    paths = [r["path"] for r in csv.DictReader(open(package[1]))][:3]
+    assert main(["predict", *paths, "--url", endpoint, "--token", TOKEN]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(line.split("\t")[1] in ("NORMAL", "PNEUMONIA") for line in lines)
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an x-ray")
+    assert main(["predict", paths[0], str(bad), "--url", endpoint, "--token", TOKEN]) == 1
+    assert "error 415" in capsys.readouterr().err
+
+
+def test_new_package_swaps_the_model_on_live_replicas_without_failed_requests(endpoint, package, tmp_path):
+    import threading
+
+    from ray import serve
+
+    from serving.app import build_app
+
+    model_dir = Path(json.loads((package[0] / "metadata.json").read_text())["source"]["path"])
+    assert main(["evaluate", "--model", str(model_dir), "--name", "second", "--reports", str(tmp_path / "r"),
+                 "--artifacts", str(tmp_path / "a")]) == 0
+    (second,) = (tmp_path / "a").iterdir()
+    jpeg = next(Path(r["path"]) for r in csv.DictReader(open(package[1]))).read_bytes()
+    statuses, versions, stop = [], set(), threading.Event()
+
+    def load():
+        while not stop.is_set():
+            status, body, _ = _post(endpoint, jpeg)
+            statuses.append(status)
+            versions.add(body.get("model_version"))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1)
+        serve.run(build_app({"package": str(second), "max_body_bytes": 2_000_000, "max_pixels": 4_000_000,
+                             "auth_token": TOKEN}), name="pneumonia", route_prefix="/")
+        deadline = time.time() + 60
+        while second.name not in versions and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert statuses and set(statuses) == {200}
+    assert versions == {package[0].name, second.name}
+    with urllib.request.urlopen(f"{endpoint}/metadata", timeout=30) as response:
+        assert json.loads(response.read())["model_version"] == second.name

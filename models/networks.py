@@ -54,7 +54,7 @@ def _inception_backbone(config: ModelConfig):
     weights = config.weights
     if weights.lower() == "imagenet":
         try:
-            return keras.applications.InceptionV3(include_top=False, weights="imagenet", input_shape=shape, pooling="avg")
+            return keras.applications.InceptionV3(include_top=False, weights="imagenet", input_shape=shape)
         except Exception as exc:  # Keras raises a bare Exception on "URL fetch failure"
             raise WeightsUnavailableError(
                 "could not get the ImageNet weights for InceptionV3 (Keras downloads them on first use, "
@@ -62,7 +62,7 @@ def _inception_backbone(config: ModelConfig):
                 "scratch, or model.weights=/path/to/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5 "
                 "(or a .weights.h5 saved from an InceptionV3 backbone) copied from a machine that has them."
             ) from exc
-    backbone = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=shape, pooling="avg")
+    backbone = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=shape)
     if weights.lower() in ("none", ""):
         return backbone
     path = Path(weights).expanduser()
@@ -101,8 +101,9 @@ def build_inception(config: ModelConfig):
     scaled = keras.layers.Rescaling(2.0, offset=-1.0, name="to_inception_range")(rgb)  # [0, 1] -> [-1, 1]
     backbone = _inception_backbone(config)
     _freeze_blocks(backbone, config.trainable_blocks)
-    features = backbone(scaled)
-    return keras.Model(inputs, _head(features, config), name="inception")
+    features = backbone(scaled)  # the last feature maps stay visible for Grad-CAM
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+    return keras.Model(inputs, _head(pooled, config), name="inception")
 
 
 FAMILIES: dict[str, Callable] = {"cnn": build_cnn, "inception": build_inception}

@@ -10,6 +10,7 @@ swaps the model on live replicas (``reconfigure``).
 
 
 import asyncio
+import base64
 import os
 import secrets
 from typing import Any
@@ -73,19 +74,27 @@ class Classifier:
         probabilities = np.asarray(self.model.predict_on_batch(np.stack(images))).reshape(-1)
         return [(float(p), len(images)) for p in probabilities]
 
-    async def predict(self, body: bytes, content_type: str) -> dict:
+    def _explain(self, image: np.ndarray) -> str:
+        from models.gradcam import gradcam, overlay_png
+
+        return base64.b64encode(overlay_png(image, gradcam(self.model, image))).decode()
+
+    async def predict(self, body: bytes, content_type: str, explain: bool = False) -> dict:
         size = self.metadata["input"]["image_size"]
         image = await asyncio.to_thread(decode_request, body, content_type, size, self.max_pixels)
         probability, batch_size = await self._predict(image)
         threshold = float(self.metadata["threshold"])
         names = self.metadata["class_names"]
-        return {
+        result = {
             "label": names[int(probability >= threshold)],
             "probability": probability,
             "threshold": threshold,
             "model_version": self.info()["model_version"],
             "batch_size": batch_size,
         }
+        if explain:  # rare and costlier: outside the batch, in a thread
+            result["heatmap_png"] = await asyncio.to_thread(self._explain, image)
+        return result
 
 
 api = FastAPI(title="Pneumonia classifier", description="Chest X-ray pneumonia classification (research use only).")
@@ -142,12 +151,13 @@ class Api:
         return await self.classifier.info.remote()
 
     @api.post("/predict")
-    async def predict(self, request: Request, response: Response) -> dict:
-        """The image as the raw body (image/jpeg, image/png, application/dicom) or multipart field 'file'."""
+    async def predict(self, request: Request, response: Response, explain: bool = False) -> dict:
+        """The image as the raw body (image/jpeg, image/png, application/dicom) or multipart field 'file';
+        ``?explain=true`` adds ``heatmap_png``, a base64 PNG of the Grad-CAM overlay."""
         self._authorize(request)
         body, content_type = await self._read_image(request)
         try:
-            result = await self.classifier.predict.remote(body, content_type)
+            result = await self.classifier.predict.remote(body, content_type, explain)
         except InvalidImage as exc:
             raise HTTPException(400, str(exc)) from None
         response.headers["X-Batch-Size"] = str(result.pop("batch_size"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
@@ -14,10 +15,11 @@ from serving.decode import sniff_content_type
 EXTENSION_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".dcm": "application/dicom"}
 
 
-def classify(path: str | Path, url: str, token: str = "", timeout: float = 60.0) -> dict:
+def classify(path: str | Path, url: str, token: str = "", explain: bool = False, timeout: float = 60.0) -> dict:
     body = Path(path).read_bytes()
     content_type = sniff_content_type(body) or EXTENSION_TYPES.get(Path(path).suffix.lower(), "application/octet-stream")
-    request = urllib.request.Request(f"{url.rstrip('/')}/predict", data=body, method="POST",
+    query = "?explain=true" if explain else ""
+    request = urllib.request.Request(f"{url.rstrip('/')}/predict{query}", data=body, method="POST",
                                      headers={"Content-Type": content_type})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
@@ -25,14 +27,26 @@ def classify(path: str | Path, url: str, token: str = "", timeout: float = 60.0)
         return json.loads(response.read())
 
 
-def predict_files(paths: list[str], url: str, token: str = "") -> int:
+def _explain_path(explain: str, index: int, count: int) -> Path:
+    """``out.png`` for one image; ``out-1.png``, ``out-2.png``... for several."""
+    path = Path(explain)
+    return path if count == 1 else path.with_name(f"{path.stem}-{index + 1}{path.suffix or '.png'}")
+
+
+def predict_files(paths: list[str], url: str, token: str = "", explain: str | None = None) -> int:
+    """Classify each file; with ``explain``, also write the Grad-CAM overlay PNG(s) there."""
     token = token or os.environ.get("PNEUMONIA_API_TOKEN", "")
     failures = 0
-    for path in paths:
+    for index, path in enumerate(paths):
         try:
-            result = classify(path, url, token)
-            print(f"{path}\t{result['label']}\t{result['probability']:.4f}\t(threshold {result['threshold']:.4f}, "
-                  f"model {result['model_version']})")
+            result = classify(path, url, token, explain=bool(explain))
+            line = (f"{path}\t{result['label']}\t{result['probability']:.4f}\t(threshold {result['threshold']:.4f}, "
+                    f"model {result['model_version']})")
+            if explain:
+                target = _explain_path(explain, index, len(paths))
+                target.write_bytes(base64.b64decode(result["heatmap_png"]))
+                line += f"\tGrad-CAM: {target}"
+            print(line)
         except urllib.error.HTTPError as error:
             detail = error.read().decode(errors="replace")
             try:

@@ -81,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from serving.client import predict_files
 
-    return predict_files(args.images, args.url, args.token or "")
+    return predict_files(args.images, args.url, args.token or "", args.explain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="JPEG, PNG or DICOM files")
     predict.add_argument("--url", default="http://127.0.0.1:8000")
     predict.add_argument("--token", help="bearer token (default: $PNEUMONIA_API_TOKEN)")
+    predict.add_argument("--explain", metavar="OUT.png", help="also save the Grad-CAM overlay (OUT-N.png for several)")
     predict.set_defaults(handler=_predict)
     return parser
 

@@ -124,3 +124,23 @@ def test_model_config_refuses_bad_values():
         load_config(ModelConfig, overrides=["depht=3"])
     with pytest.raises(ConfigError, match="depth: expected an integer"):
         load_config(ModelConfig, overrides=["depth=deep"])
+
+
+@pytest.mark.parametrize("config", [ModelConfig(family="cnn", image_size=32, depth=2, base_filters=4, dense_units=8),
+                                    ModelConfig(family="inception", image_size=75, dense_units=8)],
+                         ids=["cnn", "inception"])
+def test_gradcam_gives_a_heatmap_at_the_input_size(config):
+    import io
+
+    from PIL import Image
+
+    from models.gradcam import feature_maps, gradcam, overlay_png
+
+    model = build_model(config)
+    assert len(feature_maps(model).shape) == 4
+    image, _ = _batch(config.image_size, 2)
+    heatmap = gradcam(model, image[0])
+    assert heatmap.shape == (config.image_size, config.image_size)
+    assert 0.0 <= heatmap.min() and heatmap.max() <= 1.0
+    with Image.open(io.BytesIO(overlay_png(image[0], heatmap))) as png:
+        assert png.format == "PNG" and png.size == (config.image_size, config.image_size) and png.mode == "RGB"

@@ -204,6 +204,11 @@ def test_predict_cli_prints_one_line_per_image_and_fails_on_errors(endpoint, pac
     assert main(["predict", *paths, "--url", endpoint, "--token", TOKEN]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3 and all(line.split("\t")[1] in ("NORMAL", "PNEUMONIA") for line in lines)
+    overlay = tmp_path / "cam.png"
+    assert main(["predict", paths[0], "--url", endpoint, "--token", TOKEN, "--explain", str(overlay)]) == 0
+    assert "Grad-CAM" in capsys.readouterr().out
+    with Image.open(overlay) as image:
+        assert image.format == "PNG" and image.size == (32, 32)
     bad = tmp_path / "notes.txt"
     bad.write_text("not an x-ray")
     assert main(["predict", paths[0], str(bad), "--url", endpoint, "--token", TOKEN]) == 1

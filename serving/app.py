@@ -13,10 +13,12 @@ import asyncio
 import base64
 import os
 import secrets
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import HTMLResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -25,6 +27,7 @@ from serving.decode import ACCEPTED_TYPES, InvalidImage, decode_request, sniff_c
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # above this a small file is a decompression bomb, not an X-ray
 TOKEN_ENV = "PNEUMONIA_API_TOKEN"
+PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
 
 
 @serve.deployment(
@@ -141,6 +144,11 @@ class Api:
             raise HTTPException(415, f"unsupported upload type {content_type or '(none)'!r}; send one of "
                                      f"{', '.join(ACCEPTED_TYPES)}")
         return body, content_type
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> str:
+        """A small page: drop an X-ray, see the label, the probability against the threshold, Grad-CAM."""
+        return PAGE
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

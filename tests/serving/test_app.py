@@ -254,3 +254,37 @@ def test_new_package_swaps_the_model_on_live_replicas_without_failed_requests(en
     assert versions == {package[0].name, second.name}
     with urllib.request.urlopen(f"{endpoint}/metadata", timeout=30) as response:
         assert json.loads(response.read())["model_version"] == second.name
+
+
+def test_web_page_in_headless_chromium_classifies_an_upload(endpoint, package, tmp_path):
+    """Debian's chromium (installed by .ci/run), driven by Playwright; a screenshot lands in docs/img/."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(chromium).exists(), "chromium is not installed (.ci/run installs Debian's chromium)"
+    row = next(r for r in csv.DictReader(open(package[1])) if r["label"] == "PNEUMONIA")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 720})
+            page.goto(endpoint + "/", wait_until="networkidle")
+            assert page.inner_text("#version") == package[0].name
+            page.fill("#token", "wrong")
+            page.set_input_files("#file", row["path"])
+            page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=30000)
+            assert "401" in page.inner_text("#error")
+            page.fill("#token", TOKEN)
+            page.set_input_files("#file", row["path"])
+            page.wait_for_selector("#result:not([hidden])", timeout=30000)
+            assert page.inner_text("#label") == row["pred"]
+            assert float(page.inner_text("#probability")) == pytest.approx(float(row["prob_pneumonia"]), abs=1e-3)
+            assert page.get_attribute("#heatmap", "src").startswith("data:image/png;base64,")
+            docs = Path(__file__).resolve().parents[2] / "docs" / "img"
+            docs.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(docs / "web-page-test.png"))
+        finally:
+            browser.close()

@@ -27,13 +27,14 @@ from serving.decode import ACCEPTED_TYPES, InvalidImage, decode_request, sniff_c
 DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000  # above this a small file is a decompression bomb, not an X-ray
 TOKEN_ENV = "PNEUMONIA_API_TOKEN"
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16}
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
 
 
 @serve.deployment(
     ray_actor_options={"num_cpus": 1},
     max_ongoing_requests=32,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16},
+    autoscaling_config=AUTOSCALING,
     health_check_period_s=10,
 )
 class Classifier:
@@ -103,7 +104,7 @@ class Classifier:
 api = FastAPI(title="Pneumonia classifier", description="Chest X-ray pneumonia classification (research use only).")
 
 
-@serve.deployment(max_ongoing_requests=64)
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})  # light: decoding is not here
 @serve.ingress(api)
 class Api:
     def __init__(self, classifier: DeploymentHandle, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -174,12 +175,15 @@ class Api:
 
 def build_app(args: dict) -> serve.Application:
     """Builder for ``serve run`` / ``serve deploy``. ``args``: package (required), replicas (a fixed count
-    instead of autoscaling), max_body_bytes, max_pixels, auth_token (else $PNEUMONIA_API_TOKEN)."""
+    instead of autoscaling), autoscaling (overrides of the classifier's autoscaling_config), max_body_bytes,
+    max_pixels, auth_token (else $PNEUMONIA_API_TOKEN)."""
     if not args.get("package"):
         raise ValueError("serving needs args.package: the model package directory (artifacts/VERSION)")
     options: dict[str, Any] = {"user_config": {"package": str(args["package"])}}
     if args.get("replicas"):
         options.update(num_replicas=int(args["replicas"]), autoscaling_config=None)
+    elif args.get("autoscaling"):
+        options["autoscaling_config"] = {**AUTOSCALING, **args["autoscaling"]}
     classifier = Classifier.options(**options).bind(int(args.get("max_pixels", DEFAULT_MAX_PIXELS)))
     return Api.bind(classifier, int(args.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
                     str(args.get("auth_token", "")))

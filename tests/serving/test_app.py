@@ -49,7 +49,7 @@ def endpoint(package):
     from serving.app import build_app
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # logical: room for 2 apps x 2 replicas
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"package": str(package[0]), "max_body_bytes": 2_000_000, "max_pixels": 4_000_000,
@@ -288,3 +288,89 @@ def test_web_page_in_headless_chromium_classifies_an_upload(endpoint, package, t
             page.screenshot(path=str(docs / "web-page-test.png"))
         finally:
             browser.close()
+
+
+def _running_replicas(app: str) -> int:
+    from ray import serve
+
+    status = serve.status().applications[app].deployments["Classifier"]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def _load(url: str, body: bytes, stop, statuses: list, workers: int = 16):
+    import threading
+
+    def loop():
+        while not stop.is_set():
+            statuses.append(_post(url, body)[0])
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(workers)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_autoscaling_grows_under_load_and_shrinks_after(endpoint, package):
+    import threading
+
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.run(build_app({"package": str(package[0]), "auth_token": TOKEN, "autoscaling": {
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
+        "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}}), name="scale",
+        route_prefix="/scale")
+    jpeg = next(Path(r["path"]) for r in csv.DictReader(open(package[1]))).read_bytes()
+    stop, statuses = threading.Event(), []
+    threads = _load(f"{endpoint}/scale", jpeg, stop, statuses)
+    try:
+        deadline = time.time() + 90
+        while _running_replicas("scale") < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        grew = _running_replicas("scale")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert grew == 2 and statuses and set(statuses) == {200}
+    deadline = time.time() + 90
+    while _running_replicas("scale") > 1 and time.time() < deadline:
+        time.sleep(0.5)
+    assert _running_replicas("scale") == 1
+    serve.delete("scale")
+
+
+def test_killed_replica_costs_few_requests_and_serve_recovers(endpoint, package):
+    import threading
+
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.run(build_app({"package": str(package[0]), "auth_token": TOKEN, "replicas": 2}), name="kill",
+              route_prefix="/kill")
+    jpeg = next(Path(r["path"]) for r in csv.DictReader(open(package[1]))).read_bytes()
+    stop, statuses = threading.Event(), []
+    threads = _load(f"{endpoint}/kill", jpeg, stop, statuses, workers=8)
+    try:
+        time.sleep(2)
+        names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if "kill" in a["name"] and "Classifier" in a["name"]]
+        assert len(names) == 2
+        ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]))
+        time.sleep(3)
+        deadline = time.time() + 90
+        while _running_replicas("kill") < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    failed = sum(1 for s in statuses if s != 200)
+    assert _running_replicas("kill") == 2
+    assert len(statuses) > 50 and failed <= 8, f"{failed} of {len(statuses)} requests failed"
+    assert _post(f"{endpoint}/kill", jpeg)[0] == 200
+    serve.delete("kill")

@@ -254,6 +254,11 @@ def test_new_package_swaps_the_model_on_live_replicas_without_failed_requests(en
     assert versions == {package[0].name, second.name}
     with urllib.request.urlopen(f"{endpoint}/metadata", timeout=30) as response:
         assert json.loads(response.read())["model_version"] == second.name
+    # and back, for the tests that follow
+    serve.run(build_app({"package": str(package[0]), "max_body_bytes": 2_000_000, "max_pixels": 4_000_000,
+                         "auth_token": TOKEN}), name="pneumonia", route_prefix="/")
+    with urllib.request.urlopen(f"{endpoint}/metadata", timeout=30) as response:
+        assert json.loads(response.read())["model_version"] == package[0].name
 
 
 def test_web_page_in_headless_chromium_classifies_an_upload(endpoint, package, tmp_path):

@@ -1,0 +1,31 @@
+"""The naive baseline most projects ship: one uvicorn process, FastAPI, ``model.predict`` once per request.
+
+PNEUMONIA_PACKAGE=artifacts/VERSION uvicorn benchmarks.naive_server:app --host 127.0.0.1 --port 8001
+(Used by benchmarks/serve_load.py; the decoding is the project's own, so only the serving design differs.)
+"""
+
+import os
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+
+from models.package import load_model_dir
+from models.runtime import configure_tensorflow
+from serving.decode import InvalidImage, decode_request
+
+configure_tensorflow(0, "float32")
+model, metadata = load_model_dir(os.environ["PNEUMONIA_PACKAGE"])
+size = metadata["input"]["image_size"]
+threshold = float(metadata["threshold"])
+app = FastAPI()
+
+
+@app.post("/predict")
+async def predict(request: Request) -> dict:
+    body = await request.body()
+    try:
+        image = decode_request(body, request.headers.get("content-type", "image/jpeg"), size, 40_000_000)
+    except InvalidImage as exc:
+        raise HTTPException(400, str(exc)) from None
+    probability = float(model.predict(image[np.newaxis], verbose=0)[0, 0])
+    return {"label": metadata["class_names"][int(probability >= threshold)], "probability": probability}

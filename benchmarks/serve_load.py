@@ -1,0 +1,155 @@
+"""Serving throughput: this Serve endpoint vs a naive FastAPI server vs the in-process ceiling, in one run.
+
+Closed-loop HTTP load from ``wrk`` (one thread, a Lua script posting one JPEG) at concurrency 1, 8 and 32
+for a fixed time against (a) the Serve app (1 classifier replica), (b) benchmarks/naive_server.py (uvicorn,
+``model.predict`` per request), and (c) the ceiling: the same decode, preprocessing and model called
+in-process on full batches of 32. Reports requests/s, p50/p95/p99 latency, errors, and the client's CPU share.
+
+Usage: python benchmarks/serve_load.py --package artifacts/VERSION --image X.jpeg [--seconds 15] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "image/jpeg"
+local f = assert(io.open("{image}", "rb"))
+wrk.body = f:read("*all")
+f:close()
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %d %d %d %d %d %.3f %.3f %.3f\\n", summary.requests, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.duration, 0, latency:percentile(50) / 1000, latency:percentile(95) / 1000,
+    latency:percentile(99) / 1000))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, image: bytes, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            request = urllib.request.Request(url, data=image, method="POST", headers={"Content-Type": "image/jpeg"})
+            with urllib.request.urlopen(request, timeout=30) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
+def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(script),
+                          url], capture_output=True, text=True, timeout=seconds + 120, check=True).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    fields = next(line for line in out.splitlines() if line.startswith("RESULT")).split()[1:]
+    requests, status_errors, socket_errors, duration_us = (int(x) for x in fields[:4])
+    p50, p95, p99 = (float(x) for x in fields[5:8])
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    wall = duration_us / 1e6
+    return {"connections": connections, "rps": requests / wall, "p50_ms": p50, "p95_ms": p95, "p99_ms": p99,
+            "errors": status_errors + socket_errors, "requests": requests,
+            "client_cpu_share": cpu / (wall * os.cpu_count())}
+
+
+def ceiling(package: str, image_path: Path, seconds: float, batch: int = 32) -> dict:
+    """Decode + preprocess + model on full batches, in this process: all of a request's work minus HTTP."""
+    import numpy as np
+
+    from models.package import load_model_dir
+    from models.runtime import configure_tensorflow
+    from serving.decode import decode_request
+
+    configure_tensorflow(0, "float32")
+    model, metadata = load_model_dir(package)
+    size = metadata["input"]["image_size"]
+    body = image_path.read_bytes()
+    model.predict_on_batch(np.stack([decode_request(body, "image/jpeg", size, 40_000_000)] * batch))
+    images, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        model.predict_on_batch(np.stack([decode_request(body, "image/jpeg", size, 40_000_000) for _ in range(batch)]))
+        images += batch
+    return {"images_per_sec": images / (time.perf_counter() - start), "batch": batch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--package", required=True)
+    parser.add_argument("--image", required=True)
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    package, image = str(Path(args.package).resolve()), Path(args.image).resolve()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    results: dict = {"machine": f"{os.cpu_count()} CPUs", "seconds": args.seconds}
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(LUA.replace("{image}", str(image)))
+
+        # (c) the ceiling, alone on the machine
+        results["ceiling"] = ceiling(package, image, args.seconds)
+        print(f"ceiling (in-process, batches of 32): {results['ceiling']['images_per_sec']:.1f} images/s", flush=True)
+
+        # (a) the Serve endpoint, in a child process so that its Ray is stopped with it
+        port = free_port()
+        serve_code = (
+            "import sys, time, ray\nfrom ray import serve\nfrom serving.app import build_app\n"
+            "ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
+            f"serve.start(http_options={{'host': '127.0.0.1', 'port': {port}}})\n"
+            f"serve.run(build_app({{'package': {package!r}, 'replicas': 1}}), name='pneumonia', route_prefix='/')\n"
+            "print('ready', flush=True)\nwhile True: time.sleep(3600)\n")
+        servers = {
+            "serve": ([sys.executable, "-c", serve_code], port),
+        }
+        naive_port = free_port()
+        servers["naive"] = ([sys.executable, "-m", "uvicorn", "benchmarks.naive_server:app", "--host", "127.0.0.1",
+                             "--port", str(naive_port), "--log-level", "warning"], naive_port)
+        for name, (command, server_port) in servers.items():
+            env = {**os.environ, "PNEUMONIA_PACKAGE": package}
+            process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                       stderr=open(Path(tmp) / f"{name}.log", "w"), start_new_session=True)
+            try:
+                url = f"http://127.0.0.1:{server_port}/predict"
+                wait_ready(url, image.read_bytes())
+                run_wrk(url, script, 4, 3)  # warm-up
+                results[name] = [run_wrk(url, script, c, args.seconds) for c in levels]
+            finally:
+                os.killpg(process.pid, 15)
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, 9)
+            for row in results[name]:
+                share = row["rps"] / results["ceiling"]["images_per_sec"]
+                row["share_of_ceiling"] = share
+                print(f"{name:5} c={row['connections']:<2} {row['rps']:7.1f} req/s ({100 * share:5.1f} % of ceiling)  "
+                      f"p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f}  p99 {row['p99_ms']:7.1f}  "
+                      f"errors {row['errors']}  client CPU {100 * row['client_cpu_share']:.1f} %", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

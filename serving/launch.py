@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def serve_model(package: str, replicas: int = 0, address: str | None = None, host: str = "127.0.0.1",
@@ -27,6 +32,9 @@ def serve_model(package: str, replicas: int = 0, address: str | None = None, hos
     log(f"serving {package} at {url}  (OpenAPI: {url}/docs)")
     log(f"curl -X POST -H 'Content-Type: image/jpeg' --data-binary @IMAGE.jpeg {url}/predict")
     if block:
+        # Ctrl-C or a plain `kill` both end in a clean shutdown (a background shell job ignores SIGINT).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             while True:
                 time.sleep(3600)

@@ -73,6 +73,25 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
             "client_cpu_share": cpu / (wall * os.cpu_count())}
 
 
+def cpu_by_process(pgid: int) -> dict[str, float]:
+    """CPU seconds so far of the server's processes, by title: its process group plus every Ray worker
+    (``ray::ProxyActor``, ``ray::ServeReplica:...``; Ray starts workers in their own groups)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    usage: dict[str, float] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, tail = stat.read_text().rsplit(")", 1)
+            fields = tail.split()
+            title = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            if int(fields[2]) != pgid and not title.startswith("ray::"):
+                continue
+        except (OSError, ValueError, IndexError):
+            continue
+        name = title.split("/")[-1][:60] if title else head.split("(", 1)[-1]
+        usage[name] = usage.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return usage
+
+
 def ceiling(package: str, image_path: Path, seconds: float, batch: int = 32) -> dict:
     """Decode + preprocess + model on full batches, in this process: all of a request's work minus HTTP."""
     import numpy as np
@@ -99,11 +118,13 @@ def main() -> None:
     parser.add_argument("--image", required=True)
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--concurrency", default="1,8,32")
+    parser.add_argument("--replica-cpus", type=int, default=1, help="CPUs (and TF threads) of the Serve replica")
+    parser.add_argument("--skip-naive", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
     package, image = str(Path(args.package).resolve()), Path(args.image).resolve()
     levels = [int(c) for c in args.concurrency.split(",")]
-    results: dict = {"machine": f"{os.cpu_count()} CPUs", "seconds": args.seconds}
+    results: dict = {"machine": f"{os.cpu_count()} CPUs", "seconds": args.seconds, "replica_cpus": args.replica_cpus}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "post.lua"
         script.write_text(LUA.replace("{image}", str(image)))
@@ -118,14 +139,16 @@ def main() -> None:
             "import sys, time, ray\nfrom ray import serve\nfrom serving.app import build_app\n"
             "ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
             f"serve.start(http_options={{'host': '127.0.0.1', 'port': {port}}})\n"
-            f"serve.run(build_app({{'package': {package!r}, 'replicas': 1}}), name='pneumonia', route_prefix='/')\n"
+            f"serve.run(build_app({{'package': {package!r}, 'replicas': 1, 'num_cpus': {args.replica_cpus}}}), "
+            "name='pneumonia', route_prefix='/')\n"
             "print('ready', flush=True)\nwhile True: time.sleep(3600)\n")
         servers = {
             "serve": ([sys.executable, "-c", serve_code], port),
         }
         naive_port = free_port()
-        servers["naive"] = ([sys.executable, "-m", "uvicorn", "benchmarks.naive_server:app", "--host", "127.0.0.1",
-                             "--port", str(naive_port), "--log-level", "warning"], naive_port)
+        if not args.skip_naive:
+            servers["naive"] = ([sys.executable, "-m", "uvicorn", "benchmarks.naive_server:app", "--host", "127.0.0.1",
+                                "--port", str(naive_port), "--log-level", "warning"], naive_port)
         for name, (command, server_port) in servers.items():
             env = {**os.environ, "PNEUMONIA_PACKAGE": package}
             process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -134,7 +157,14 @@ def main() -> None:
                 url = f"http://127.0.0.1:{server_port}/predict"
                 wait_ready(url, image.read_bytes())
                 run_wrk(url, script, 4, 3)  # warm-up
-                results[name] = [run_wrk(url, script, c, args.seconds) for c in levels]
+                results[name] = []
+                for c in levels:
+                    before = cpu_by_process(process.pid)
+                    row = run_wrk(url, script, c, args.seconds)
+                    after = cpu_by_process(process.pid)
+                    spent = {k: round(after[k] - before.get(k, 0.0), 2) for k in after if after[k] - before.get(k, 0.0) > 0.05}
+                    row["server_cpu_seconds"] = dict(sorted(spent.items(), key=lambda kv: -kv[1]))
+                    results[name].append(row)
             finally:
                 os.killpg(process.pid, 15)
                 try:
@@ -147,6 +177,7 @@ def main() -> None:
                 print(f"{name:5} c={row['connections']:<2} {row['rps']:7.1f} req/s ({100 * share:5.1f} % of ceiling)  "
                       f"p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f}  p99 {row['p99_ms']:7.1f}  "
                       f"errors {row['errors']}  client CPU {100 * row['client_cpu_share']:.1f} %", flush=True)
+                print(f"      server CPU s by process: {row['server_cpu_seconds']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

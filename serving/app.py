@@ -175,11 +175,14 @@ class Api:
 
 def build_app(args: dict) -> serve.Application:
     """Builder for ``serve run`` / ``serve deploy``. ``args``: package (required), replicas (a fixed count
-    instead of autoscaling), autoscaling (overrides of the classifier's autoscaling_config), max_body_bytes,
+    instead of autoscaling), autoscaling (overrides of the classifier's autoscaling_config), num_cpus (per
+    classifier replica, default 1), max_body_bytes,
     max_pixels, auth_token (else $PNEUMONIA_API_TOKEN)."""
     if not args.get("package"):
         raise ValueError("serving needs args.package: the model package directory (artifacts/VERSION)")
     options: dict[str, Any] = {"user_config": {"package": str(args["package"])}}
+    if args.get("num_cpus"):  # per classifier replica; its TF threads follow
+        options["ray_actor_options"] = {"num_cpus": float(args["num_cpus"])}
     if args.get("replicas"):
         options.update(num_replicas=int(args["replicas"]), autoscaling_config=None)
     elif args.get("autoscaling"):

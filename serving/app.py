@@ -1,10 +1,10 @@
-"""Ray Serve application: a FastAPI ingress in front of a batched classifier serving one model package.
+"""Ray Serve application: one deployment, a FastAPI ingress and a batched classifier of one model package.
 
     serve run serving.app:build_app package=artifacts/VERSION
     serve deploy serving/config.yaml           # the package path is the classifier's user_config
 
-Decoding and resizing run in the classifier replica before it joins a batch, with the same preprocessing
-training used; only the model call is batched (``@serve.batch``). A new ``package`` in the user_config
+Decoding and resizing run in a thread of the replica before the request joins a batch, with the same
+preprocessing training used; only the model call is batched (``@serve.batch``). A new ``package`` in the user_config
 swaps the model on live replicas (``reconfigure``).
 """
 
@@ -20,7 +20,6 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse
 from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from serving.decode import ACCEPTED_TYPES, InvalidImage, decode_request, sniff_content_type
 
@@ -31,21 +30,30 @@ AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 
 PAGE = (Path(__file__).parent / "static" / "index.html").read_text()
 
 
+api = FastAPI(title="Pneumonia classifier", description="Chest X-ray pneumonia classification (research use only).")
+
+
 @serve.deployment(
     ray_actor_options={"num_cpus": 1},
     max_ongoing_requests=32,
     autoscaling_config=AUTOSCALING,
     health_check_period_s=10,
 )
+@serve.ingress(api)
 class Classifier:
-    """Holds one verified model package; batches concurrent requests into one model call."""
+    """The HTTP ingress and the model in one replica: it holds one verified model package and batches
+    concurrent requests into one model call. (A separate ingress deployment cost a second hop, about a
+    quarter of the server's CPU per request: see BENCHMARKS.md.)"""
 
-    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 auth_token: str = ""):
         from models.runtime import configure_tensorflow
 
         cpus = int(os.environ.get("OMP_NUM_THREADS") or 1)  # Ray sets it to the replica's num_cpus
         configure_tensorflow(cpus, "float32")
         self.max_pixels = max_pixels
+        self.max_body_bytes = max_body_bytes
+        self.auth_token = auth_token or os.environ.get(TOKEN_ENV, "")
         self.model = None
         self.metadata: dict[str, Any] = {}
 
@@ -83,7 +91,7 @@ class Classifier:
 
         return base64.b64encode(overlay_png(image, gradcam(self.model, image))).decode()
 
-    async def predict(self, body: bytes, content_type: str, explain: bool = False) -> dict:
+    async def classify(self, body: bytes, content_type: str, explain: bool = False) -> dict:
         size = self.metadata["input"]["image_size"]
         image = await asyncio.to_thread(decode_request, body, content_type, size, self.max_pixels)
         probability, batch_size = await self._predict(image)
@@ -99,19 +107,6 @@ class Classifier:
         if explain:  # rare and costlier: outside the batch, in a thread
             result["heatmap_png"] = await asyncio.to_thread(self._explain, image)
         return result
-
-
-api = FastAPI(title="Pneumonia classifier", description="Chest X-ray pneumonia classification (research use only).")
-
-
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})  # light: decoding is not here
-@serve.ingress(api)
-class Api:
-    def __init__(self, classifier: DeploymentHandle, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 auth_token: str = ""):
-        self.classifier = classifier
-        self.max_body_bytes = max_body_bytes
-        self.auth_token = auth_token or os.environ.get(TOKEN_ENV, "")
 
     def _authorize(self, request: Request) -> None:
         if not self.auth_token:
@@ -157,7 +152,7 @@ class Api:
 
     @api.get("/metadata")
     async def metadata(self) -> dict:
-        return await self.classifier.info.remote()
+        return self.info()
 
     @api.post("/predict")
     async def predict(self, request: Request, response: Response, explain: bool = False) -> dict:
@@ -166,7 +161,7 @@ class Api:
         self._authorize(request)
         body, content_type = await self._read_image(request)
         try:
-            result = await self.classifier.predict.remote(body, content_type, explain)
+            result = await self.classify(body, content_type, explain)
         except InvalidImage as exc:
             raise HTTPException(400, str(exc)) from None
         response.headers["X-Batch-Size"] = str(result.pop("batch_size"))
@@ -187,6 +182,6 @@ def build_app(args: dict) -> serve.Application:
         options.update(num_replicas=int(args["replicas"]), autoscaling_config=None)
     elif args.get("autoscaling"):
         options["autoscaling_config"] = {**AUTOSCALING, **args["autoscaling"]}
-    classifier = Classifier.options(**options).bind(int(args.get("max_pixels", DEFAULT_MAX_PIXELS)))
-    return Api.bind(classifier, int(args.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
-                    str(args.get("auth_token", "")))
+    return Classifier.options(**options).bind(int(args.get("max_pixels", DEFAULT_MAX_PIXELS)),
+                                              int(args.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES)),
+                                              str(args.get("auth_token", "")))

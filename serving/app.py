@@ -4,10 +4,11 @@
     serve deploy serving/config.yaml           # the package path is the classifier's user_config
 
 Decoding and resizing run in a thread of the replica before the request joins a batch, with the same
-preprocessing training used; only the model call is batched (``@serve.batch``). A new ``package`` in the user_config
-swaps the model on live replicas (``reconfigure``).
-"""
+preprocessing training used; only the model call is batched (``@serve.batch``). A new ``package`` in the
+user_config swaps the model on live replicas (``reconfigure``).
 
+(No ``from __future__ import annotations`` here: FastAPI must see the route parameters' real types.)
+"""
 
 import asyncio
 import base64

@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import sysconfig
 import time
 from pathlib import Path

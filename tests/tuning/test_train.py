@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from models.config import ConfigError, load_config
+from models.config import load_config
 from models.package import load_model_dir
 from models.pipeline import make_dataset
 from tuning.cli import main

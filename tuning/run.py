@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from models.config import ConfigError, load_config, to_dict
+from models.download import default_cache_dir
 from tuning.config import TuneConfig
 
 METRIC, MODE = "val_auc", "max"
@@ -62,7 +63,7 @@ def study_storage_url(config: TuneConfig) -> str:
     if config.study_storage:
         return config.study_storage
     if is_remote(config.storage_path):
-        base = Path(os.environ.get("PNEUMONIA_CACHE", Path.home() / ".cache" / "pneumonia")).expanduser()
+        base = default_cache_dir()
     else:
         base = Path(local_storage(config.storage_path))
     base.mkdir(parents=True, exist_ok=True)
@@ -180,8 +181,8 @@ def write_best(results, config: TuneConfig, log: Callable[[str], None]) -> dict:
     )
     checkpoint_path = checkpoint.path
     if is_remote(config.storage_path):
-        local = Path(os.environ.get("PNEUMONIA_CACHE", Path.home() / ".cache" / "pneumonia")).expanduser()
-        checkpoint_path = checkpoint.to_directory(str(local / "checkpoints" / config.name / Path(checkpoint.path).name))
+        local = default_cache_dir() / "checkpoints" / config.name / Path(checkpoint.path).name
+        checkpoint_path = checkpoint.to_directory(str(local))
     trial_id = Path(best.path).name
     summary = {
         "experiment": experiment_path(config),

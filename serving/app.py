@@ -57,6 +57,7 @@ class Classifier:
         self.auth_token = auth_token or os.environ.get(TOKEN_ENV, "")
         self.model = None
         self.metadata: dict[str, Any] = {}
+        self._info: dict[str, Any] = {}
 
     def reconfigure(self, user_config: dict) -> None:
         """Load (or swap to) the package at ``user_config['package']``; checksums verified, safe mode."""
@@ -65,22 +66,23 @@ class Classifier:
         model, metadata = load_model_dir(user_config["package"])
         size = metadata["input"]["image_size"]
         model.predict_on_batch(np.zeros((1, size, size, 1), np.float32))  # warm up before taking traffic
-        self.model, self.metadata = model, {**metadata, "package": user_config["package"]}
+        package = str(user_config["package"])
+        info = {  # what /metadata and every answer report, built once per package
+            "model_version": metadata.get("version", os.path.basename(package.rstrip("/"))),
+            "class_names": metadata.get("class_names"),
+            "input": metadata.get("input"),
+            "threshold": metadata.get("threshold"),
+            "threshold_method": metadata.get("threshold_method"),
+            "test_metrics": metadata.get("test_metrics"),
+        }
+        self.model, self.metadata, self._info = model, metadata, info  # swapped together
 
     def check_health(self) -> None:
         if self.model is None:
             raise RuntimeError("no model loaded")
 
     def info(self) -> dict:
-        m = self.metadata
-        return {
-            "model_version": m.get("version", os.path.basename(str(m.get("package", "")).rstrip("/"))),
-            "class_names": m.get("class_names"),
-            "input": m.get("input"),
-            "threshold": m.get("threshold"),
-            "threshold_method": m.get("threshold_method"),
-            "test_metrics": m.get("test_metrics"),
-        }
+        return self._info
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def _predict(self, images: "list[np.ndarray]") -> "list[tuple[float, int]]":
@@ -102,7 +104,7 @@ class Classifier:
             "label": names[int(probability >= threshold)],
             "probability": probability,
             "threshold": threshold,
-            "model_version": self.info()["model_version"],
+            "model_version": self._info["model_version"],
             "batch_size": batch_size,
         }
         if explain:  # rare and costlier: outside the batch, in a thread

@@ -32,16 +32,24 @@ def serve_model(package: str, replicas: int = 0, address: str | None = None, hos
     log(f"serving {package} at {url}  (OpenAPI: {url}/docs)")
     log(f"curl -X POST -H 'Content-Type: image/jpeg' --data-binary @IMAGE.jpeg {url}/predict")
     if block:
-        # Ctrl-C or a plain `kill` both end in a clean shutdown (a background shell job ignores SIGINT).
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, _interrupt)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            log("shutting down")
-        finally:
-            serve.shutdown()
-            if not address:
-                ray.shutdown()
+        serve_forever(address, log)
     return url
+
+
+def serve_forever(address: str | None = None, log: Callable[[str], None] = print) -> None:
+    """Block until Ctrl-C or SIGTERM, then shut Serve (and a Ray this process started) down."""
+    import ray
+    from ray import serve
+
+    # Ctrl-C or a plain `kill` both end in a clean shutdown (a background shell job ignores SIGINT).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log("shutting down")
+    finally:
+        serve.shutdown()
+        if not address:
+            ray.shutdown()

@@ -84,6 +84,13 @@ def _predict(args: argparse.Namespace) -> int:
     return predict_files(args.images, args.url, args.token or "", args.explain)
 
 
+def _run(args: argparse.Namespace) -> int:
+    from tuning.main_job import run_main_job
+
+    run_main_job(args.config, args.address, args.data, args.set, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumonia", description="Pneumonia detection on chest X-rays with Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -144,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--token", help="bearer token (default: $PNEUMONIA_API_TOKEN)")
     predict.add_argument("--explain", metavar="OUT.png", help="also save the Grad-CAM overlay (OUT-N.png for several)")
     predict.set_defaults(handler=_predict)
+
+    run = commands.add_parser("run", help="the main job: tune, evaluate on test once, export, serve, query")
+    run.add_argument("--config", help="tuning config (default: tuning/configs/quick.yaml)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a tuning config key")
+    run.add_argument("--data", help="data dir or .npz (default: $PNEUMONIA_DATA, else MedMNIST in the cache)")
+    run.add_argument("--address", help="Ray cluster address (default: a local Ray, serving until Ctrl-C)")
+    run.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
+    run.set_defaults(handler=_run)
     return parser
 
 

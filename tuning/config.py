@@ -47,6 +47,7 @@ class SearchSpace:
     cnn_base_filters: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32])
     inception_trainable_blocks: list[int] = dataclasses.field(default_factory=lambda: [-1, 2, 4, 8])
     dense_units: list[int] = dataclasses.field(default_factory=lambda: [64, 128, 256])
+    label_smoothing: float = 0.1  # upper bound; softer targets temper over-confidence on shifted data
 
     def __post_init__(self) -> None:
         unknown = set(self.families) - {"cnn", "inception"}

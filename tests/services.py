@@ -81,7 +81,9 @@ class LocalRayCluster:
         log = open(self.root / f"{name}.log", "w")
         self.nodes[name] = subprocess.Popen(
             [str(BIN / "ray"), "start", "--block", "--temp-dir", str(temp), "--num-cpus", str(self.cpus),
-             "--num-gpus", str(self.gpus), "--node-ip-address", "127.0.0.1", *args],
+             "--num-gpus", str(self.gpus), "--node-ip-address", "127.0.0.1",
+             # the default agent port (52365) may be held by another Ray on this machine; jobs need the head's
+             "--dashboard-agent-listen-port", str(free_port()), *args],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -134,6 +136,18 @@ class LocalRayCluster:
             if "/raylet" in cmdline.split(" ")[0] and marker in cmdline:
                 return int(proc.name)
         raise LookupError(f"no raylet for {name}")
+
+    def submit_job(self, entrypoint: list[str], options: list[str] = (), timeout: float = 1200.0,
+                   agent_wait: float = 300.0) -> subprocess.CompletedProcess:
+        """``ray job submit --address DASHBOARD [options] -- entrypoint``, waiting until the head's job agent
+        is up (it registers a while after the node is alive, longer on a busy machine)."""
+        deadline = time.time() + agent_wait
+        while True:
+            job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", self.dashboard, *options, "--",
+                                  *entrypoint], env=self.env, capture_output=True, text=True, timeout=timeout)
+            if "No available agent to submit job" not in job.stdout + job.stderr or time.time() > deadline:
+                return job
+            time.sleep(3)
 
     def stop(self) -> None:
         for process in reversed(list(self.nodes.values())):

@@ -3,7 +3,8 @@ package, deploy it with Ray Serve, query it once, and say where everything is.
 
     pneumonia run [--config tuning/configs/quick.yaml] [--address ADDR] [--data DIR] [--set key=value ...]
 
-Without ``--address`` it starts a local Ray in-process and keeps serving until Ctrl-C.
+Without ``--address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) it starts a local Ray in-process and
+keeps serving until Ctrl-C; on a cluster it returns and the Serve application stays up there.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quick.yaml"
 
 
 def resolve_data(data: str | None, log: Callable[[str], None]) -> str:
-    """--data, else $PNEUMONIA_DATA, else MedMNIST's npz in the cache (downloaded once)."""
+    """--data, else $PNEUMONIA_DATA, else MedMNIST's npz in the cache (downloaded once); its layout is checked
+    here, before any Ray work starts, so a wrong path fails in a second with what was expected."""
     if data or os.environ.get("PNEUMONIA_DATA"):
-        return str(Path(data or os.environ["PNEUMONIA_DATA"]).resolve())
+        from models.dataset import detect_layout, resolve_data_path
+
+        path = resolve_data_path(data).resolve()
+        detect_layout(path)
+        return str(path)
     from models.download import DownloadError, default_cache_dir, download_medmnist
 
     log(f"no --data and no PNEUMONIA_DATA: using MedMNIST's pneumoniamnist_224.npz in {default_cache_dir()}")
@@ -41,6 +47,7 @@ def run_main_job(config_path: str | None = None, address: str | None = None, dat
     from tuning.evaluate import evaluate
     from tuning.run import is_remote, tune_experiment
 
+    address = address or os.environ.get("RAY_ADDRESS") or None  # inside `ray job submit`: that cluster
     data_path = resolve_data(data, log)
     config = load_config(TuneConfig, config_path or DEFAULT_CONFIG, [*(overrides or []), f"train.data.path={data_path}"])
     best = tune_experiment(config, address, log=log)

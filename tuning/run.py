@@ -172,6 +172,11 @@ def write_best(results, config: TuneConfig, log: Callable[[str], None]) -> dict:
     """best.json: the trial with the highest validation AUC and its best checkpoint, downloaded if remote."""
     from models.package import read_metadata
 
+    if not any(METRIC in (result.metrics or {}) for result in results):
+        first_error = next((str(e).strip().splitlines()[-1] for e in results.errors), "no error recorded")
+        raise RuntimeError(f"no trial reported {METRIC}: {len(results.errors)} of {len(results)} trials failed "
+                           f"(first error: {first_error}); each trial's error.txt under "
+                           f"{experiment_path(config)} has the traceback")
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
     checkpoint = best.get_best_checkpoint(METRIC, MODE) or best.checkpoint
     if checkpoint is None:

@@ -9,7 +9,7 @@ import pytest
 
 from tests.services import free_port
 
-pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 
 # The job runs in its own process, as `pneumonia run` does, with its own in-process Ray (stopped at the end).
@@ -32,6 +32,7 @@ print("SUMMARY " + json.dumps(summary, default=str))
 """
 
 
+@pytest.mark.slow
 def test_main_job_tunes_evaluates_serves_and_answers_like_the_evaluation(tmp_path):
     """`pneumonia run` on generated films: tune (2 trials), evaluate, export, serve, query once."""
     from tests.conftest import write_split
@@ -52,3 +53,56 @@ def test_main_job_tunes_evaluates_serves_and_answers_like_the_evaluation(tmp_pat
     assert summary["answer"]["probability"] == pytest.approx(float(rows[summary["sample"]]["prob_pneumonia"]), abs=1e-5)
     metadata = json.loads((tmp_path / summary["package_dir"] / "metadata.json").read_text())
     assert summary["answer"]["model_version"] == metadata["version"]
+
+
+@pytest.mark.slow
+def test_job_submitted_to_a_cluster_serves_what_the_evaluation_predicted(real_data, tmp_path):
+    """The main job on the shared data, as a user submits it: `ray job submit -- pneumonia run` to a local
+    cluster (tiny budget: 3 trials, 1 epoch, 64/75 px, a subset of train; full validation and test splits),
+    then real test films over HTTP must get the probabilities the evaluation wrote to predictions.csv."""
+    import shlex
+    import urllib.request
+
+    from tests.services import BIN, LocalRayCluster
+
+    cluster = LocalRayCluster(tmp_path, cpus=2, gpus=0, workers=0).start()
+    try:
+        port = free_port()
+        sets = ["num_samples=3", "max_concurrent=2", "train.epochs=1", "grace_period=1",
+                "space.cnn_image_sizes=[64]", "space.inception_image_sizes=[75]", "space.cnn_depth=[3,4]",
+                "points_to_evaluate=[{model.family: cnn}, {model.family: inception}]",
+                "train.data.max_train_images=600", "train.mixed_precision=float32", f"storage_path={tmp_path}/results"]
+        command = [str(BIN / "pneumonia"), "run", "--data", str(real_data.resolve()), "--port", str(port),
+                   *[arg for s in sets for arg in ("--set", s)]]
+        entrypoint = f"cd {shlex.quote(str(tmp_path))} && {shlex.join(command)}"
+        job = cluster.submit_job(["bash", "-c", entrypoint])
+        output = job.stdout + job.stderr
+        assert job.returncode == 0, output[-5000:]
+        assert "succeeded" in output.lower() and "curl -X POST" in output
+
+        (predictions,) = (tmp_path / "reports").glob("*/predictions.csv")
+        rows = list(csv.DictReader(open(predictions)))
+        assert len(rows) == 624  # the whole test split, predicted once
+        (package,) = (tmp_path / "artifacts").iterdir()
+        version = json.loads((package / "metadata.json").read_text())["version"]
+        queried = [r for r in rows if "NORMAL" in r["path"]][:4] + [r for r in rows if "PNEUMONIA" in r["path"]][:4]
+        for row in queried:  # the job has ended; its Serve application lives on in the cluster
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=Path(row["path"]).read_bytes(),
+                                             headers={"Content-Type": "image/jpeg"})
+            answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+            assert answer["model_version"] == version
+            assert answer["probability"] == pytest.approx(float(row["prob_pneumonia"]), abs=1e-5), row["path"]
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty"])
+def test_run_with_a_wrong_data_path_fails_fast_with_what_was_expected(tmp_path, capsys, layout):
+    from tuning.cli import main
+
+    data = tmp_path / "data"
+    if layout == "empty":
+        data.mkdir()
+    assert main(["run", "--data", str(data)]) == 2
+    error = capsys.readouterr().err
+    assert str(data) in error and "expected DIR/train/{NORMAL,PNEUMONIA}" in error

@@ -120,14 +120,8 @@ def test_job_submit_to_two_nodes_with_token_auth_and_s3_storage(cluster, search_
     entry = ["python", "-m", "tuning.run", "--data", search_data,
              *_sets([*TINY_SEARCH, "num_samples=6", "gpus_per_trial=1", f"storage_path={storage}", "name=jobtest"])]
     runtime_env = json.dumps({"env_vars": {**s3.env, "PNEUMONIA_CACHE": str(cache)}})
-    for attempt in range(10):  # the head's job agent registers a little after the node is alive
-        job = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard,
-                              "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--", *entry],
-                             env=ray_cluster.env, capture_output=True, text=True, timeout=900)
-        output = job.stdout + job.stderr
-        if "No available agent to submit job" not in output:
-            break
-        time.sleep(3)
+    job = ray_cluster.submit_job(entry, ["--working-dir", str(REPO), "--runtime-env-json", runtime_env], timeout=900)
+    output = job.stdout + job.stderr
     assert job.returncode == 0, output[-5000:]
     assert "succeeded" in output.lower()
 

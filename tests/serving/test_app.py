@@ -108,6 +108,30 @@ def test_served_probabilities_equal_the_evaluation(endpoint, package):
     assert status == 200 and body["probability"] == pytest.approx(expected, abs=1e-5)
 
 
+
+def test_a_2000px_upscale_is_served_exactly_as_offline_and_close_to_the_original(endpoint, package):
+    """No skew on a large film: the server's answer for a 2000x2000 upscale equals the offline model on the same
+    bytes to 1e-5. Against the original film it can only be close, not equal: resampling 224 -> 2000 -> S
+    changes the pixels the model sees."""
+    import tensorflow as tf
+
+    from models.package import load_model_dir
+    from models.preprocessing import decode_image, preprocess
+
+    with open(package[1]) as f:
+        row = next(csv.DictReader(f))
+    pixels = tf.io.decode_jpeg(Path(row["path"]).read_bytes(), channels=3).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize((2000, 2000), Image.BICUBIC).save(buffer, format="JPEG", quality=95)
+    status, body, _ = _post(endpoint, buffer.getvalue())
+    assert status == 200, body
+    model, metadata = load_model_dir(package[0])
+    image = preprocess(decode_image(buffer.getvalue()), metadata["input"]["image_size"])
+    offline = float(model.predict(image[tf.newaxis], verbose=0).reshape(-1)[0])
+    assert body["probability"] == pytest.approx(offline, abs=1e-5)
+    assert body["probability"] == pytest.approx(float(row["prob_pneumonia"]), abs=0.05)
+
+
 def _dicom(pixels: np.ndarray, bits: int = 8, photometric: str = "MONOCHROME2") -> bytes:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid

@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--replica-cpus", type=int, default=1, help="CPUs (and TF threads) of the Serve replica")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--throughput-optimized", action="store_true",
+                        help="also run the same app with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray >= 2.55: direct "
+                             "ingress, user code on the replica's loop, gRPC between proxy and replicas)")
     parser.add_argument("--json")
     args = parser.parse_args()
     package, image = str(Path(args.package).resolve()), Path(args.image).resolve()
@@ -142,15 +145,15 @@ def main() -> None:
             f"serve.run(build_app({{'package': {package!r}, 'replicas': 1, 'num_cpus': {args.replica_cpus}}}), "
             "name='pneumonia', route_prefix='/')\n"
             "print('ready', flush=True)\nwhile True: time.sleep(3600)\n")
-        servers = {
-            "serve": ([sys.executable, "-c", serve_code], port),
-        }
+        servers = {"serve": ([sys.executable, "-c", serve_code], port, {})}
+        if args.throughput_optimized:
+            servers["serve-to"] = ([sys.executable, "-c", serve_code], port, {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
         naive_port = free_port()
         if not args.skip_naive:
             servers["naive"] = ([sys.executable, "-m", "uvicorn", "benchmarks.naive_server:app", "--host", "127.0.0.1",
-                                "--port", str(naive_port), "--log-level", "warning"], naive_port)
-        for name, (command, server_port) in servers.items():
-            env = {**os.environ, "PNEUMONIA_PACKAGE": package}
+                                "--port", str(naive_port), "--log-level", "warning"], naive_port, {})
+        for name, (command, server_port, extra_env) in servers.items():
+            env = {**os.environ, "PNEUMONIA_PACKAGE": package, **extra_env}
             process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                        stderr=open(Path(tmp) / f"{name}.log", "w"), start_new_session=True)
             try:
@@ -174,7 +177,7 @@ def main() -> None:
             for row in results[name]:
                 share = row["rps"] / results["ceiling"]["images_per_sec"]
                 row["share_of_ceiling"] = share
-                print(f"{name:5} c={row['connections']:<2} {row['rps']:7.1f} req/s ({100 * share:5.1f} % of ceiling)  "
+                print(f"{name:8} c={row['connections']:<2} {row['rps']:7.1f} req/s ({100 * share:5.1f} % of ceiling)  "
                       f"p50 {row['p50_ms']:7.1f} ms  p95 {row['p95_ms']:7.1f}  p99 {row['p99_ms']:7.1f}  "
                       f"errors {row['errors']}  client CPU {100 * row['client_cpu_share']:.1f} %", flush=True)
                 print(f"      server CPU s by process: {row['server_cpu_seconds']}", flush=True)

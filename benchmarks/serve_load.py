@@ -60,8 +60,11 @@ def wait_ready(url: str, image: bytes, timeout: float = 180) -> None:
 
 def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(script),
-                          url], capture_output=True, text=True, timeout=seconds + 120, check=True).stdout
+    done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "-s", str(script),
+                           url], capture_output=True, text=True, timeout=seconds + 120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}) against {url}: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+    out = done.stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     fields = next(line for line in out.splitlines() if line.startswith("RESULT")).split()[1:]
     requests, status_errors, socket_errors, duration_us = (int(x) for x in fields[:4])
@@ -147,7 +150,9 @@ def main() -> None:
             "print('ready', flush=True)\nwhile True: time.sleep(3600)\n")
         servers = {"serve": ([sys.executable, "-c", serve_code], port, {})}
         if args.throughput_optimized:
-            servers["serve-to"] = ([sys.executable, "-c", serve_code], port, {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
+            to_port = free_port()
+            servers["serve-to"] = ([sys.executable, "-c", serve_code.replace(str(port), str(to_port))], to_port,
+                                   {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
         naive_port = free_port()
         if not args.skip_naive:
             servers["naive"] = ([sys.executable, "-m", "uvicorn", "benchmarks.naive_server:app", "--host", "127.0.0.1",

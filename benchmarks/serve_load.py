@@ -1,7 +1,8 @@
 """Serving throughput: this Serve endpoint vs a naive FastAPI server vs the in-process ceiling, in one run.
 
 Closed-loop HTTP load from ``wrk`` (one thread, a Lua script posting one JPEG) at concurrency 1, 8 and 32
-for a fixed time against (a) the Serve app (1 classifier replica), (b) benchmarks/naive_server.py (uvicorn,
+for a fixed time against (a) the Serve app (1 classifier replica; behind Serve's Python proxy, and with
+``--haproxy`` also behind HAProxy, Serve's high-throughput mode), (b) benchmarks/naive_server.py (uvicorn,
 ``model.predict`` per request), and (c) the ceiling: the same decode, preprocessing and model called
 in-process on full batches of 32. Reports requests/s, p50/p95/p99 latency, errors, and the client's CPU share.
 
@@ -78,7 +79,7 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
 
 def cpu_by_process(pgid: int) -> dict[str, float]:
     """CPU seconds so far of the server's processes, by title: its process group plus every Ray worker
-    (``ray::ProxyActor``, ``ray::ServeReplica:...``; Ray starts workers in their own groups)."""
+    (``ray::ProxyActor``, ``ray::ServeReplica:...``; Ray starts workers in their own groups) and HAProxy."""
     ticks = os.sysconf("SC_CLK_TCK")
     usage: dict[str, float] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -86,7 +87,7 @@ def cpu_by_process(pgid: int) -> dict[str, float]:
             head, tail = stat.read_text().rsplit(")", 1)
             fields = tail.split()
             title = (stat.parent / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            if int(fields[2]) != pgid and not title.startswith("ray::"):
+            if int(fields[2]) != pgid and not title.startswith("ray::") and not title.endswith("haproxy"):
                 continue
         except (OSError, ValueError, IndexError):
             continue
@@ -126,6 +127,9 @@ def main() -> None:
     parser.add_argument("--throughput-optimized", action="store_true",
                         help="also run the same app with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Ray >= 2.55: direct "
                              "ingress, user code on the replica's loop, gRPC between proxy and replicas)")
+    parser.add_argument("--haproxy", action="store_true",
+                        help="also run it with RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1: "
+                             "HAProxy (needs the haproxy binary) in front of replicas that serve HTTP themselves")
     parser.add_argument("--json")
     args = parser.parse_args()
     package, image = str(Path(args.package).resolve()), Path(args.image).resolve()
@@ -153,6 +157,10 @@ def main() -> None:
             to_port = free_port()
             servers["serve-to"] = ([sys.executable, "-c", serve_code.replace(str(port), str(to_port))], to_port,
                                    {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
+        if args.haproxy:
+            ha_port = free_port()
+            servers["serve-ha"] = ([sys.executable, "-c", serve_code.replace(str(port), str(ha_port))], ha_port,
+                                   {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
         naive_port = free_port()
         if not args.skip_naive:
             servers["naive"] = ([sys.executable, "-m", "uvicorn", "benchmarks.naive_server:app", "--host", "127.0.0.1",

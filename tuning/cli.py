@@ -74,7 +74,7 @@ def _tune(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from serving.launch import serve_model
 
-    serve_model(args.model, args.replicas, args.address, args.host, args.port)
+    serve_model(args.model, args.replicas, args.address, args.host, args.port, ingress=args.ingress)
     return 0
 
 
@@ -87,7 +87,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from tuning.main_job import run_main_job
 
-    run_main_job(args.config, args.address, args.data, args.set, args.port)
+    run_main_job(args.config, args.address, args.data, args.set, args.port, ingress=args.ingress)
     return 0
 
 
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--ingress", choices=["auto", "haproxy", "python"], default="auto",
+                       help="HTTP ingress of a local Ray: haproxy (Serve's high-throughput mode), python (Serve's proxy), or auto: haproxy when installed (default)")
     serve.set_defaults(handler=_serve)
 
     predict = commands.add_parser("predict", help="classify images with a running endpoint")
@@ -158,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="data dir or .npz (default: $PNEUMONIA_DATA, else MedMNIST in the cache)")
     run.add_argument("--address", help="Ray cluster address (default: a local Ray, serving until Ctrl-C)")
     run.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
+    run.add_argument("--ingress", choices=["auto", "haproxy", "python"], default="auto",
+                     help="HTTP ingress of a local Ray: haproxy (Serve's high-throughput mode), python (Serve's proxy), or auto: haproxy when installed (default)")
     run.set_defaults(handler=_run)
     return parser
 

@@ -39,16 +39,18 @@ def resolve_data(data: str | None, log: Callable[[str], None]) -> str:
 
 def run_main_job(config_path: str | None = None, address: str | None = None, data: str | None = None,
                  overrides: list[str] | None = None, port: int = 8000, block: bool = True,
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, ingress: str = "auto") -> dict:
     from models.config import load_config
     from serving.client import classify
-    from serving.launch import serve_forever, serve_model
+    from serving.launch import choose_ingress, serve_forever, serve_model
     from tuning.config import TuneConfig
     from tuning.evaluate import evaluate
     from tuning.run import is_remote, tune_experiment
 
     address = address or os.environ.get("RAY_ADDRESS") or None  # inside `ray job submit`: that cluster
     data_path = resolve_data(data, log)
+    if not address:  # the local Ray started below serves too: its HTTP ingress is chosen before it starts
+        log(f"HTTP ingress: {choose_ingress(ingress)}")
     config = load_config(TuneConfig, config_path or DEFAULT_CONFIG, [*(overrides or []), f"train.data.path={data_path}"])
     best = tune_experiment(config, address, log=log)
     experiment = Path(best["checkpoint_path"]).parent if is_remote(config.storage_path) else Path(best["experiment"])

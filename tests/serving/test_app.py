@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -47,8 +48,11 @@ def endpoint(package):
     from ray import serve
 
     from serving.app import build_app
+    from serving.launch import HAPROXY_ENV, choose_ingress
 
     port = free_port()
+    saved = {key: os.environ.get(key) for key in HAPROXY_ENV}
+    choose_ingress("auto")  # as `pneumonia serve` does: HAProxy where installed (CI installs it)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # logical: room for 2 apps x 2 replicas
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -58,6 +62,11 @@ def endpoint(package):
     finally:
         serve.shutdown()
         ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _post(url: str, body: bytes, content_type: str | None = "image/jpeg", token: str | None = "TOKEN"):

@@ -77,11 +77,12 @@ def run_wrk(url: str, script: Path, connections: int, seconds: int) -> dict:
             "client_cpu_share": cpu / (wall * os.cpu_count())}
 
 
-def cpu_by_process(pgid: int) -> dict[str, float]:
-    """CPU seconds so far of the server's processes, by title: its process group plus every Ray worker
-    (``ray::ProxyActor``, ``ray::ServeReplica:...``; Ray starts workers in their own groups) and HAProxy."""
+def cpu_by_process(pgid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of the server's processes, by pid with a short title: its process group plus every
+    Ray worker (``ray::ProxyActor``, ``ray::ServeReplica:...``; Ray starts workers in their own groups) and
+    HAProxy. By pid, because a Ray worker's title changes with the method it runs."""
     ticks = os.sysconf("SC_CLK_TCK")
-    usage: dict[str, float] = {}
+    usage: dict[int, tuple[str, float]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             head, tail = stat.read_text().rsplit(")", 1)
@@ -91,9 +92,17 @@ def cpu_by_process(pgid: int) -> dict[str, float]:
                 continue
         except (OSError, ValueError, IndexError):
             continue
-        name = title.split("/")[-1][:60] if title else head.split("(", 1)[-1]
-        usage[name] = usage.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+        name = title.split("/")[-1].split(".")[0][:60] if title else head.split("(", 1)[-1]
+        usage[int(stat.parent.name)] = (name, (int(fields[11]) + int(fields[12])) / ticks)
     return usage
+
+
+def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds each process title spent between two ``cpu_by_process`` snapshots."""
+    spent: dict[str, float] = {}
+    for pid, (name, seconds) in after.items():
+        spent[name] = spent.get(name, 0.0) + seconds - before.get(pid, (name, 0.0))[1]
+    return {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v > 0.05}
 
 
 def ceiling(package: str, image_path: Path, seconds: float, batch: int = 32) -> dict:
@@ -178,8 +187,7 @@ def main() -> None:
                     before = cpu_by_process(process.pid)
                     row = run_wrk(url, script, c, args.seconds)
                     after = cpu_by_process(process.pid)
-                    spent = {k: round(after[k] - before.get(k, 0.0), 2) for k in after if after[k] - before.get(k, 0.0) > 0.05}
-                    row["server_cpu_seconds"] = dict(sorted(spent.items(), key=lambda kv: -kv[1]))
+                    row["server_cpu_seconds"] = cpu_spent(before, after)
                     results[name].append(row)
             finally:
                 os.killpg(process.pid, 15)

@@ -20,7 +20,7 @@ def choose_ingress(mode: str = "auto") -> str:
     """Pick Serve's HTTP ingress for a Ray this process is about to start (Ray's processes read it at start).
 
     ``haproxy``: Ray Serve's high-throughput mode: HAProxy in front of replicas that serve HTTP themselves,
-    1.8x the requests/s of the Python proxy on 2 cores (BENCHMARKS.md); needs the ``haproxy`` binary.
+    1.75x the requests/s of the Python proxy on 2 cores (BENCHMARKS.md); needs the ``haproxy`` binary.
     ``python``: Serve's Python HTTP proxy. ``auto``: haproxy when the binary is on PATH. A cluster that is
     joined keeps the ingress it was started with (see README: Serving).
     """

@@ -160,6 +160,9 @@ def main() -> None:
             f"serve.start(http_options={{'host': '127.0.0.1', 'port': {port}}})\n"
             f"serve.run(build_app({{'package': {package!r}, 'replicas': 1, 'num_cpus': {args.replica_cpus}}}), "
             "name='pneumonia', route_prefix='/')\n"
+            "import signal\n"  # SIGTERM: shut Serve down, so HAProxy (outside this process group) stops too
+            "def stop(*_):\n    serve.shutdown(); ray.shutdown(); sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
             "print('ready', flush=True)\nwhile True: time.sleep(3600)\n")
         servers = {"serve": ([sys.executable, "-c", serve_code], port, {})}
         if args.throughput_optimized:
@@ -169,7 +172,9 @@ def main() -> None:
         if args.haproxy:
             ha_port = free_port()
             servers["serve-ha"] = ([sys.executable, "-c", serve_code.replace(str(port), str(ha_port))], ha_port,
-                                   {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"})
+                                   {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+                                    "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+                                    "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())})
         naive_port = free_port()
         if not args.skip_naive:
             servers["naive"] = ([sys.executable, "-m", "uvicorn", "benchmarks.naive_server:app", "--host", "127.0.0.1",
@@ -190,11 +195,17 @@ def main() -> None:
                     row["server_cpu_seconds"] = cpu_spent(before, after)
                     results[name].append(row)
             finally:
-                os.killpg(process.pid, 15)
+                process.terminate()  # the server shuts Serve and its Ray down, then the group is stopped
                 try:
-                    process.wait(30)
+                    process.wait(60)
                 except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, 9)
+                    pass
+                for sig in (15, 9):
+                    try:
+                        os.killpg(process.pid, sig)
+                        time.sleep(2)
+                    except ProcessLookupError:
+                        break
             for row in results[name]:
                 share = row["rps"] / results["ceiling"]["images_per_sec"]
                 row["share_of_ceiling"] = share

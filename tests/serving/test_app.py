@@ -48,11 +48,11 @@ def endpoint(package):
     from ray import serve
 
     from serving.app import build_app
-    from serving.launch import HAPROXY_ENV, choose_ingress
+    from serving.launch import HAPROXY_ENV, HAPROXY_PORTS, choose_ingress
 
     port = free_port()
-    saved = {key: os.environ.get(key) for key in HAPROXY_ENV}
-    choose_ingress("auto")  # as `pneumonia serve` does: HAProxy where installed (CI installs it)
+    saved = {key: os.environ.get(key) for key in [*HAPROXY_ENV, *HAPROXY_PORTS]}
+    assert choose_ingress("auto") == "haproxy"  # as `pneumonia serve` does (ray[serve] bundles HAProxy)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # logical: room for 2 apps x 2 replicas
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

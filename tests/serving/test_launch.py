@@ -4,36 +4,43 @@ import os
 
 import pytest
 
-from serving.launch import HAPROXY_ENV, choose_ingress
+import serving.launch
+from serving.launch import HAPROXY_ENV, HAPROXY_PORTS, choose_ingress
 from tuning.cli import main
 
 
 @pytest.fixture
-def bin_dir(tmp_path, monkeypatch):
-    """A PATH holding only what the test puts there (and no RAY_SERVE_* settings)."""
-    monkeypatch.setenv("PATH", str(tmp_path))
-    for key in [*HAPROXY_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH"]:
+def clean_env(monkeypatch):
+    """No RAY_SERVE_* settings, restored after the test."""
+    for key in [*HAPROXY_ENV, *HAPROXY_PORTS, "RAY_SERVE_HAPROXY_BINARY_PATH"]:
         monkeypatch.delenv(key, raising=False)
-    return tmp_path
+    return monkeypatch
 
 
-def test_auto_picks_haproxy_only_when_the_binary_is_there(bin_dir):
+def test_ray_serve_bundles_an_haproxy_binary(clean_env):
+    binary = serving.launch.haproxy_binary()
+    assert binary and os.access(binary, os.X_OK)
+
+
+def test_auto_picks_haproxy_only_when_there_is_a_binary(clean_env, tmp_path):
+    clean_env.setattr(serving.launch, "haproxy_binary", lambda: None)
     assert choose_ingress("auto") == "python"
     assert not any(key in os.environ for key in HAPROXY_ENV)
-    haproxy = bin_dir / "haproxy"
-    haproxy.write_text("#!/bin/sh\n")
-    haproxy.chmod(0o755)
+    clean_env.setattr(serving.launch, "haproxy_binary", lambda: str(tmp_path / "haproxy"))
     assert choose_ingress("auto") == "haproxy"
     assert all(os.environ[key] == "1" for key in HAPROXY_ENV)
+    stats, metrics = (int(os.environ[key]) for key in HAPROXY_PORTS)  # free ports, not Ray's fixed defaults
+    assert stats != metrics and 8404 not in (stats, metrics)
     assert choose_ingress("python") == "python"  # and back: the settings are removed
     assert not any(key in os.environ for key in HAPROXY_ENV)
 
 
-def test_asking_for_haproxy_without_the_binary_says_how_to_get_it(bin_dir, capsys):
+def test_asking_for_haproxy_without_a_binary_says_how_to_get_one(clean_env, capsys):
+    clean_env.setattr(serving.launch, "haproxy_binary", lambda: None)
     with pytest.raises(ValueError, match="apt install haproxy"):
         choose_ingress("haproxy")
     with pytest.raises(ValueError, match="ingress must be one of"):
         choose_ingress("nginx")
     with pytest.raises(SystemExit):
-        main(["serve", "--model", str(bin_dir), "--ingress", "nginx"])
+        main(["serve", "--model", "x", "--ingress", "nginx"])
     assert "invalid choice: 'nginx'" in capsys.readouterr().err

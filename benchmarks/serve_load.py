@@ -138,7 +138,7 @@ def main() -> None:
                              "ingress, user code on the replica's loop, gRPC between proxy and replicas)")
     parser.add_argument("--haproxy", action="store_true",
                         help="also run it with RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1: "
-                             "HAProxy (needs the haproxy binary) in front of replicas that serve HTTP themselves")
+                             "HAProxy (bundled with ray[serve]) in front of replicas that serve HTTP themselves")
     parser.add_argument("--json")
     args = parser.parse_args()
     package, image = str(Path(args.package).resolve()), Path(args.image).resolve()

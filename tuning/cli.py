@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--ingress", choices=["auto", "haproxy", "python"], default="auto",
-                       help="HTTP ingress of a local Ray: haproxy (Serve's high-throughput mode), python (Serve's proxy), or auto: haproxy when installed (default)")
+                       help="HTTP ingress of a local Ray: haproxy (Serve's high-throughput mode), python (Serve's proxy), or auto: haproxy when Ray has its binary, as ray[serve] bundles one (default)")
     serve.set_defaults(handler=_serve)
 
     predict = commands.add_parser("predict", help="classify images with a running endpoint")
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (default: a local Ray, serving until Ctrl-C)")
     run.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
     run.add_argument("--ingress", choices=["auto", "haproxy", "python"], default="auto",
-                     help="HTTP ingress of a local Ray: haproxy (Serve's high-throughput mode), python (Serve's proxy), or auto: haproxy when installed (default)")
+                     help="HTTP ingress of a local Ray: haproxy (Serve's high-throughput mode), python (Serve's proxy), or auto: haproxy when Ray has its binary, as ray[serve] bundles one (default)")
     run.set_defaults(handler=_run)
     return parser
 

@@ -54,14 +54,13 @@ def choose_ingress(mode: str = "auto") -> str:
     if mode == "haproxy" and not found:
         raise ValueError("ingress haproxy needs an HAProxy binary: reinstall ray[serve] (it bundles one on Linux), "
                          "apt install haproxy, or set RAY_SERVE_HAPROXY_BINARY_PATH; or use --ingress python")
-    for key, value in HAPROXY_ENV.items():
-        if mode == "haproxy":
-            os.environ[key] = value
-        else:
-            os.environ.pop(key, None)
     if mode == "haproxy":
+        os.environ.update(HAPROXY_ENV)
         for key in HAPROXY_PORTS:
             os.environ.setdefault(key, str(_free_port()))
+    else:
+        for key in HAPROXY_ENV:
+            os.environ.pop(key, None)
     return mode
 
 

@@ -37,16 +37,15 @@ def size_rates(sizes: list[int], steps: int, batch_size: int) -> dict[int, float
 
 
 def trial_costs(experiment: Path) -> list[dict]:
+    from search_strategies import trial_rows
+
     rows = []
-    for path in sorted(experiment.glob("*/result.json")):
-        results = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if not results:
-            continue
+    for results in filter(None, trial_rows(experiment)):
         last = results[-1]
         config = last.get("config", {})
         epochs = len(results)
         rows.append({
-            "trial": path.parent.name,
+            "trial": f"{config.get('model.family')}_{last.get('trial_id')}",
             "family": config.get("model.family"),
             "image_size": config.get(f"{config.get('model.family')}.image_size", config.get("model.image_size")),
             "epochs": epochs,

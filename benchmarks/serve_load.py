@@ -153,28 +153,27 @@ def main() -> None:
         print(f"ceiling (in-process, batches of 32): {results['ceiling']['images_per_sec']:.1f} images/s", flush=True)
 
         # (a) the Serve endpoint, in a child process so that its Ray is stopped with it
-        port = free_port()
-        serve_code = (
-            "import sys, time, ray\nfrom ray import serve\nfrom serving.app import build_app\n"
-            "ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
-            f"serve.start(http_options={{'host': '127.0.0.1', 'port': {port}}})\n"
-            f"serve.run(build_app({{'package': {package!r}, 'replicas': 1, 'num_cpus': {args.replica_cpus}}}), "
-            "name='pneumonia', route_prefix='/')\n"
-            "import signal\n"  # SIGTERM: shut Serve down, so HAProxy (outside this process group) stops too
-            "def stop(*_):\n    serve.shutdown(); ray.shutdown(); sys.exit(0)\n"
-            "signal.signal(signal.SIGTERM, stop)\n"
-            "print('ready', flush=True)\nwhile True: time.sleep(3600)\n")
-        servers = {"serve": ([sys.executable, "-c", serve_code], port, {})}
+        from serving.launch import HAPROXY_ENV, HAPROXY_PORTS
+
+        def serve_server(extra_env: dict) -> tuple[list[str], int, dict]:
+            port = free_port()
+            code = (
+                "import sys, time, ray\nfrom ray import serve\nfrom serving.app import build_app\n"
+                "ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
+                f"serve.start(http_options={{'host': '127.0.0.1', 'port': {port}}})\n"
+                f"serve.run(build_app({{'package': {package!r}, 'replicas': 1, 'num_cpus': {args.replica_cpus}}}), "
+                "name='pneumonia', route_prefix='/')\n"
+                "import signal\n"  # SIGTERM: shut Serve down, so HAProxy (outside this process group) stops too
+                "def stop(*_):\n    serve.shutdown(); ray.shutdown(); sys.exit(0)\n"
+                "signal.signal(signal.SIGTERM, stop)\n"
+                "print('ready', flush=True)\nwhile True: time.sleep(3600)\n")
+            return [sys.executable, "-c", code], port, extra_env
+
+        servers = {"serve": serve_server({})}
         if args.throughput_optimized:
-            to_port = free_port()
-            servers["serve-to"] = ([sys.executable, "-c", serve_code.replace(str(port), str(to_port))], to_port,
-                                   {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
+            servers["serve-to"] = serve_server({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
         if args.haproxy:
-            ha_port = free_port()
-            servers["serve-ha"] = ([sys.executable, "-c", serve_code.replace(str(port), str(ha_port))], ha_port,
-                                   {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
-                                    "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-                                    "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port())})
+            servers["serve-ha"] = serve_server({**HAPROXY_ENV, **{key: str(free_port()) for key in HAPROXY_PORTS}})
         naive_port = free_port()
         if not args.skip_naive:
             servers["naive"] = ([sys.executable, "-m", "uvicorn", "benchmarks.naive_server:app", "--host", "127.0.0.1",

@@ -91,6 +91,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ingress_option(parser: argparse.ArgumentParser) -> None:
+    from serving.launch import INGRESS_MODES
+
+    parser.add_argument("--ingress", choices=INGRESS_MODES, default="auto",
+                        help="HTTP ingress of a local Ray: haproxy (Serve's high-throughput mode), python (Serve's "
+                             "proxy), or auto: haproxy when Ray has its binary, as ray[serve] bundles one (default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumonia", description="Pneumonia detection on chest X-rays with Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -143,8 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--ingress", choices=["auto", "haproxy", "python"], default="auto",
-                       help="HTTP ingress of a local Ray: haproxy (Serve's high-throughput mode), python (Serve's proxy), or auto: haproxy when Ray has its binary, as ray[serve] bundles one (default)")
+    _add_ingress_option(serve)
     serve.set_defaults(handler=_serve)
 
     predict = commands.add_parser("predict", help="classify images with a running endpoint")
@@ -160,8 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="data dir or .npz (default: $PNEUMONIA_DATA, else MedMNIST in the cache)")
     run.add_argument("--address", help="Ray cluster address (default: a local Ray, serving until Ctrl-C)")
     run.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
-    run.add_argument("--ingress", choices=["auto", "haproxy", "python"], default="auto",
-                     help="HTTP ingress of a local Ray: haproxy (Serve's high-throughput mode), python (Serve's proxy), or auto: haproxy when Ray has its binary, as ray[serve] bundles one (default)")
+    _add_ingress_option(run)
     run.set_defaults(handler=_run)
     return parser
 

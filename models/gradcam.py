@@ -1,7 +1,8 @@
 """Grad-CAM: where in the film the model looked for pneumonia (Selvaraju et al. 2017).
 
 The map is taken at the feature maps that feed the global pooling (the last conv block of ``cnn``, the
-InceptionV3 backbone's output of ``inception``) and returned as a PNG overlay on the input film.
+InceptionV3 backbone's output of ``inception``) and returned as a PNG overlay on the input film. An
+ensemble's map is the mean of its members' maps.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def gradcam(model, image: np.ndarray) -> np.ndarray:
     """Heat map in [0, 1] at the input's size for one preprocessed image (S, S, 1)."""
     import keras
     import tensorflow as tf
+
+    members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
+    if members and not any(layer.name == POOL_LAYER for layer in model.layers):
+        return np.mean([gradcam(member, image) for member in members], axis=0)
 
     probe = keras.Model(model.inputs, [feature_maps(model), model.output])
     batch = tf.convert_to_tensor(image[np.newaxis].astype(np.float32))

@@ -60,7 +60,8 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from tuning.evaluate import evaluate
 
-    evaluate(args.model, args.experiment, args.data, args.target_sensitivity, args.reports, args.artifacts, args.name)
+    evaluate(args.model, args.experiment, args.data, args.target_sensitivity, args.reports, args.artifacts, args.name,
+             ensemble=args.ensemble)
     return 0
 
 
@@ -142,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="screening threshold: the highest keeping validation sensitivity >= S (default: Youden's J)")
     evaluate.add_argument("--reports", default="reports", help="reports go to REPORTS/NAME/ (default: reports)")
     evaluate.add_argument("--artifacts", default="artifacts", help="packages go to ARTIFACTS/VERSION/ (default: artifacts)")
-    evaluate.add_argument("--name", help="report name (default: the training config's name)")
+    evaluate.add_argument("--ensemble", type=int, default=1, metavar="N",
+                          help="with --experiment: evaluate the mean of its N best trials (default 1: the best)")
+    evaluate.add_argument("--name", help="report name (default: <family>-<trial>, ensembleN-<best trial>, "
+                          "or the training config's name)")
     evaluate.set_defaults(handler=_evaluate)
 
     serve = commands.add_parser("serve", help="deploy a model package with Ray Serve and keep serving")

@@ -48,13 +48,18 @@ class SearchSpace:
     inception_trainable_blocks: list[int] = dataclasses.field(default_factory=lambda: [-1, 2, 4, 8])
     dense_units: list[int] = dataclasses.field(default_factory=lambda: [64, 128, 256])
     label_smoothing: float = 0.1  # upper bound; softer targets temper over-confidence on shifted data
+    # data.augment range: a floor above 0 keeps a search from ranking an unaugmented model first on a
+    # validation split that, carved from train, cannot show how the model copes with shifted films
+    augment: list[float] = dataclasses.field(default_factory=lambda: [0.0, 1.5])
 
     def __post_init__(self) -> None:
         unknown = set(self.families) - {"cnn", "inception"}
         if not self.families or unknown:
             raise ValueError(f"families must be a non-empty subset of cnn, inception; got {self.families}")
-        if len(self.learning_rate) != 2 or len(self.cnn_depth) != 2:
-            raise ValueError("learning_rate and cnn_depth are [low, high] ranges")
+        if len(self.learning_rate) != 2 or len(self.cnn_depth) != 2 or len(self.augment) != 2:
+            raise ValueError("learning_rate, cnn_depth and augment are [low, high] ranges")
+        if not 0.0 <= self.augment[0] <= self.augment[1]:
+            raise ValueError(f"augment must be [low, high] with 0 <= low <= high, got {self.augment}")
         if min(self.inception_image_sizes) < 75:
             raise ValueError("inception_image_sizes must all be >= 75")
 
@@ -83,12 +88,15 @@ class TuneConfig:
     checkpoint_every: int = 0  # also checkpoint every N epochs (besides every val AUC improvement)
     num_to_keep: int = 2
     max_failures: int = 2
+    ensemble: int = 1  # what `pneumonia run` evaluates and serves: the mean of the N best trials; 1 = the best alone
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_concurrent < 1:
             raise ValueError("num_samples and max_concurrent must be >= 1")
         if self.grace_period < 1 or self.grace_period > self.train.epochs:
             raise ValueError(f"grace_period must lie in 1..train.epochs ({self.train.epochs})")
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1, got {self.ensemble}")
         if self.reduction_factor < 2:
             raise ValueError("reduction_factor must be >= 2")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:

@@ -42,22 +42,45 @@ def predict_split(model, split: Split, image_size: int) -> np.ndarray:
     return np.concatenate([np.asarray(model.predict_on_batch(x)).reshape(-1) for x, _ in dataset])
 
 
-def resolve_source(model_dir: str | None, experiment: str | None) -> tuple[Path, dict]:
-    """The model directory to evaluate and a description of where it came from."""
+def resolve_source(model_dir: str | None, experiment: str | None, ensemble: int = 1,
+                   log: Callable[[str], None] = print) -> tuple[Path, dict]:
+    """The model directory to evaluate and a description of where it came from; for an experiment with
+    ``ensemble`` > 1, the ensemble of its best trials (see ``tuning.ensemble``)."""
     if bool(model_dir) == bool(experiment):
         raise EvaluationError("give exactly one of --model DIR or --experiment DIR")
+    if ensemble < 1:
+        raise EvaluationError(f"ensemble must be >= 1, got {ensemble}")
     if model_dir:
         return Path(model_dir), {"kind": "model directory", "path": str(model_dir)}
     best_path = Path(experiment) / "best.json"
     if not best_path.is_file():
         raise EvaluationError(f"{best_path} not found: is {experiment} a finished tuning experiment?")
     best = json.loads(best_path.read_text())
-    return Path(best["checkpoint_path"]), {
+    produced_by = {
         "kind": "tuning experiment",
         "experiment": str(experiment),
         "trial_id": best.get("trial_id"),
         "validation": best.get("metrics"),
     }
+    if ensemble == 1:
+        return Path(best["checkpoint_path"]), produced_by
+    from tuning.ensemble import ensemble_from_experiment
+    from tuning.run import is_remote
+
+    # A remote experiment's best.json sits in a local cache dir; its trials are read from storage.
+    source = best["experiment"] if is_remote(best.get("experiment", "")) else str(experiment)
+    directory, members = ensemble_from_experiment(source, best_path, ensemble, log)
+    return directory, {**produced_by, "ensemble": [dataclasses.asdict(m) for m in members]}
+
+
+def default_name(config: TrainConfig, produced_by: dict) -> str:
+    """``ensemble3-<best trial>``, ``<family>-<trial>`` for a search's best, else the training config's name."""
+    members = produced_by.get("ensemble")
+    if members:
+        return f"ensemble{len(members)}-{members[0]['trial_id']}"
+    if produced_by.get("trial_id"):
+        return f"{config.model.family}-{produced_by['trial_id']}"
+    return config.name
 
 
 def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, target_sensitivity: float | None) -> tuple[float, str]:
@@ -97,17 +120,18 @@ def evaluate(
     artifacts_dir: str | Path = "artifacts",
     name: str | None = None,
     log: Callable[[str], None] = print,
+    ensemble: int = 1,
 ) -> Evaluation:
     from models.package import file_sha256, load_model_dir, package_versions, write_package
     from models.runtime import configure_tensorflow
     from tuning.model_card import render
     from tuning.plots import write_plots
 
-    source_dir, produced_by = resolve_source(model_dir, experiment)
     configure_tensorflow(0, "float32")
+    source_dir, produced_by = resolve_source(model_dir, experiment, ensemble, log)
     model, metadata = load_model_dir(source_dir)
     config = from_dict(TrainConfig, metadata["config"])
-    name = name or config.name
+    name = name or default_name(config, produced_by)
     size = config.model.image_size
     splits = _load_data(config, data, metadata.get("data", {}).get("fingerprint"))
 
@@ -149,7 +173,7 @@ def evaluate(
     created = datetime.now(timezone.utc)
     version = f"{name}-{created:%Y%m%d%H%M%S}"
     package_metadata = {
-        **{k: metadata[k] for k in ("class_names", "positive_class", "input", "config") if k in metadata},
+        **{k: metadata[k] for k in ("class_names", "positive_class", "input", "config", "ensemble") if k in metadata},
         "version": version,
         "created_at": created.isoformat(timespec="seconds"),
         "threshold": threshold,

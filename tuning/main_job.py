@@ -55,7 +55,8 @@ def run_main_job(config_path: str | None = None, address: str | None = None, dat
     best = tune_experiment(config, address, log=log)
     experiment = Path(best["checkpoint_path"]).parent if is_remote(config.storage_path) else Path(best["experiment"])
     result = evaluate(experiment=str(experiment), data=data_path,
-                      reports_dir=Path("reports"), artifacts_dir=Path("artifacts"), log=log)
+                      reports_dir=Path("reports"), artifacts_dir=Path("artifacts"), log=log,
+                      ensemble=config.ensemble)
     url = serve_model(str(result.package_dir), address=address, port=port, block=False, log=log)
     first = result.report_dir / "predictions.csv"
     with open(first) as f:

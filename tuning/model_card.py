@@ -22,6 +22,14 @@ def _ci(report: dict, name: str, scale: float = 100.0, unit: str = " %") -> str:
     return f"{scale * value:.{digits}f}{unit} ({scale * low:.{digits}f}-{scale * high:.{digits}f})"
 
 
+def ensemble_lines(members: list[dict]) -> list[str]:
+    if not members:
+        return []
+    listed = "; ".join(f"`{m['trial_id']}` ({m['family']}, validation AUC {m['val_auc']:.4f})" for m in members)
+    return [f"- An ensemble: the mean probability of the search's {len(members)} best trials at this input size "
+            f"(best first): {listed}. The config below is the best member's."]
+
+
 def render(report: dict) -> str:
     test, at_half = report["test"], report["test_at_0_5"]
     (tn, fp), (fn, tp) = test["confusion_matrix"]
@@ -79,7 +87,8 @@ def render(report: dict) -> str:
         "",
         f"- Family `{config['model']['family']}`, input {config['model']['image_size']} x "
         f"{config['model']['image_size']} grayscale in [0, 1]; model file sha256 `{report['model']['sha256'][:16]}...`.",
-        f"- Produced by: {report['model']['produced_by']}.",
+        *ensemble_lines(report['model']['produced_by'].get("ensemble", [])),
+        f"- Produced by: { {k: v for k, v in report['model']['produced_by'].items() if k != 'ensemble'} }.",
         f"- Best epoch {report['model'].get('best_epoch')}; validation metrics at that epoch: "
         + ", ".join(f"{k} {v:.4f}" for k, v in report['model'].get('validation', {}).items()),
         "",

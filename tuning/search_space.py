@@ -30,7 +30,7 @@ class DefineByRun:
             "model.dropout": trial.suggest_float("model.dropout", 0.0, 0.5),
             "model.dense_units": trial.suggest_categorical("model.dense_units", list(space.dense_units)),
             "label_smoothing": trial.suggest_float("label_smoothing", 0.0, space.label_smoothing),
-            "data.augment": trial.suggest_float("data.augment", 0.0, 1.5),
+            "data.augment": trial.suggest_float("data.augment", *space.augment),
             "data.class_balance": trial.suggest_categorical("data.class_balance", ["class_weight", "oversample"]),
         }
         if family == "cnn":
@@ -60,7 +60,7 @@ def random_space(space: SearchSpace) -> dict[str, Any]:
         "model.dropout": tune.uniform(0.0, 0.5),
         "model.dense_units": tune.choice(list(space.dense_units)),
         "label_smoothing": tune.uniform(0.0, space.label_smoothing),
-        "data.augment": tune.uniform(0.0, 1.5),
+        "data.augment": tune.uniform(*space.augment),
         "data.class_balance": tune.choice(["class_weight", "oversample"]),
         "cnn.image_size": tune.choice(list(space.cnn_image_sizes)),
         "inception.image_size": tune.choice(list(space.inception_image_sizes)),

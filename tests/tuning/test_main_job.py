@@ -22,7 +22,7 @@ data, storage, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 overrides = ["num_samples=2", "max_concurrent=2", "train.epochs=1", "grace_period=1", "space.families=[cnn]",
              "space.cnn_image_sizes=[32]", "space.cnn_depth=[2,2]", "space.cnn_base_filters=[4]",
              "points_to_evaluate=[]", f"storage_path={storage}", "train.data.max_train_images=0",
-             "train.mixed_precision=float32"]
+             "train.mixed_precision=float32", "ensemble=2"]
 try:
     summary = run_main_job(None, None, data, overrides, port=port, block=False)
 finally:
@@ -34,7 +34,7 @@ print("SUMMARY " + json.dumps(summary, default=str))
 
 @pytest.mark.slow
 def test_main_job_tunes_evaluates_serves_and_answers_like_the_evaluation(tmp_path):
-    """`pneumonia run` on generated films: tune (2 trials), evaluate, export, serve, query once."""
+    """`pneumonia run` on generated films: tune (2 trials), evaluate the ensemble of both, export, serve, query once."""
     from tests.conftest import write_split
 
     data = tmp_path / "data"
@@ -53,6 +53,8 @@ def test_main_job_tunes_evaluates_serves_and_answers_like_the_evaluation(tmp_pat
     assert summary["answer"]["probability"] == pytest.approx(float(rows[summary["sample"]]["prob_pneumonia"]), abs=1e-5)
     metadata = json.loads((tmp_path / summary["package_dir"] / "metadata.json").read_text())
     assert summary["answer"]["model_version"] == metadata["version"]
+    members = [m["trial_id"] for m in metadata["ensemble"]]
+    assert len(set(members)) == 2 and Path(summary["report_dir"]).name == f"ensemble2-{members[0]}"
 
 
 @pytest.mark.slow

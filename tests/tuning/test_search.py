@@ -9,7 +9,7 @@ from tuning.trainable import trial_config
 
 
 def test_define_by_run_picks_a_family_then_only_its_parameters():
-    config = load_config(TuneConfig)
+    config = load_config(TuneConfig, overrides=["space.augment=[0.75, 1.5]"])
     space = DefineByRun(config.space)
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
     seen = set()
@@ -24,6 +24,7 @@ def test_define_by_run_picks_a_family_then_only_its_parameters():
         else:
             assert "model.trainable_blocks" in params and "model.depth" not in params
             assert params["model.image_size"] >= 75
+        assert 0.75 <= params["data.augment"] <= 1.5  # the configured floor holds
         trained = trial_config({}, params)  # every sample is a valid TrainConfig
         assert trained.model.family == family and trained.model.image_size == params["model.image_size"]
         study.tell(trial, 0.5)
@@ -64,3 +65,5 @@ def test_bad_tune_config_is_refused():
         load_config(TuneConfig, overrides=["train.epochs=2", "grace_period=3"])
     with pytest.raises(ConfigError, match="families"):
         load_config(TuneConfig, overrides=["space.families=[resnet]"])
+    with pytest.raises(ConfigError, match="augment must be"):
+        load_config(TuneConfig, overrides=["space.augment=[1.0, 0.5]"])

@@ -1,0 +1,65 @@
+"""The ensemble of a search's best trials: one model directory that averages its members."""
+
+import json
+
+import numpy as np
+import pytest
+
+from models.config import ModelConfig
+from models.networks import build_model
+from models.package import load_model_dir, save_model_dir
+from tuning.config import TrainConfig, TuneConfig
+from tuning.ensemble import Member, build_ensemble
+
+SIZE = 32
+
+
+def _member(tmp_path, name: str, family: str, depth: int, seed: int) -> Member:
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    config = TrainConfig(name=name, model=ModelConfig(family=family, image_size=SIZE, depth=depth, base_filters=4,
+                                                      dense_units=8))
+    model = build_model(config.model)
+    metadata = {"class_names": ["NORMAL", "PNEUMONIA"], "input": {"image_size": SIZE},
+                "config": {"name": name, "model": {"family": family, "image_size": SIZE}}, "best_epoch": 3}
+    save_model_dir(model, metadata, tmp_path / name)
+    return Member(name, family, SIZE, 0.9, str(tmp_path / name))
+
+
+def test_ensemble_predicts_the_mean_of_its_members_and_reloads(tmp_path):
+    members = [_member(tmp_path, "a", "cnn", 2, 1), _member(tmp_path, "b", "cnn", 3, 2)]
+    build_ensemble(members, tmp_path / "ensemble")
+    ensemble, metadata = load_model_dir(tmp_path / "ensemble")  # checksums and Keras safe mode, as served
+    x = np.random.default_rng(0).random((4, SIZE, SIZE, 1), dtype=np.float32)
+    alone = [np.asarray(load_model_dir(m.checkpoint)[0].predict_on_batch(x)) for m in members]
+    assert not np.allclose(alone[0], alone[1])  # two different members, or the test proves nothing
+    np.testing.assert_allclose(ensemble.predict_on_batch(x), np.mean(alone, axis=0), atol=1e-6)
+    assert [m["trial_id"] for m in metadata["ensemble"]] == ["a", "b"]
+    assert metadata["input"]["image_size"] == SIZE and "best_epoch" not in metadata
+
+
+def test_gradcam_of_an_ensemble_is_the_mean_of_its_members_maps(tmp_path):
+    from models.gradcam import gradcam
+
+    members = [_member(tmp_path, "a", "cnn", 2, 1), _member(tmp_path, "b", "cnn", 3, 2)]
+    ensemble, _ = load_model_dir(build_ensemble(members, tmp_path / "ensemble"))
+    image = np.random.default_rng(1).random((SIZE, SIZE, 1), dtype=np.float32)
+    maps = [gradcam(load_model_dir(m.checkpoint)[0], image) for m in members]
+    np.testing.assert_allclose(gradcam(ensemble, image), np.mean(maps, axis=0), atol=1e-5)
+
+
+def test_ensemble_size_is_validated():
+    from models.config import ConfigError, load_config
+
+    assert TuneConfig().ensemble == 1
+    with pytest.raises((ConfigError, ValueError), match="ensemble must be >= 1"):
+        load_config(TuneConfig, overrides=["ensemble=0"])
+
+
+def test_evaluate_refuses_an_ensemble_of_zero(tmp_path):
+    from tuning.evaluate import EvaluationError, resolve_source
+
+    (tmp_path / "best.json").write_text(json.dumps({"checkpoint_path": str(tmp_path)}))
+    with pytest.raises(EvaluationError, match="ensemble must be >= 1"):
+        resolve_source(None, str(tmp_path), ensemble=0)

@@ -74,7 +74,8 @@ def build_ensemble(members: list[Member], directory: str | Path) -> Path:
     mean = keras.layers.Average(name="pneumonia_probability", dtype="float32")([m(image) for m in models])
     ensemble = keras.Model(image, mean, name="ensemble")
     metadata = {**metadata, "ensemble": [dataclasses.asdict(m) for m in members]}
-    metadata.pop("best_epoch", None)  # members stopped at their own epochs (listed in "ensemble")
+    for key in ("best_epoch", "validation", "history", "runtime"):  # the best member's own, not the ensemble's
+        metadata.pop(key, None)
     return save_model_dir(ensemble, metadata, directory)
 
 

@@ -27,7 +27,8 @@ def ensemble_lines(members: list[dict]) -> list[str]:
         return []
     listed = "; ".join(f"`{m['trial_id']}` ({m['family']}, validation AUC {m['val_auc']:.4f})" for m in members)
     return [f"- An ensemble: the mean probability of the search's {len(members)} best trials at this input size "
-            f"(best first): {listed}. The config below is the best member's."]
+            f"(best first): {listed}. The config below is the best member's; each member's own best epoch and "
+            "validation metrics are in the search's trials."]
 
 
 def render(report: dict) -> str:
@@ -35,6 +36,7 @@ def render(report: dict) -> str:
     (tn, fp), (fn, tp) = test["confusion_matrix"]
     counts = report["counts"]
     config = report["model"]["config"]
+    validation = report["validation_at_threshold"]
     lines = [
         f"# Model card: {report['name']}",
         "",
@@ -89,8 +91,11 @@ def render(report: dict) -> str:
         f"{config['model']['image_size']} grayscale in [0, 1]; model file sha256 `{report['model']['sha256'][:16]}...`.",
         *ensemble_lines(report['model']['produced_by'].get("ensemble", [])),
         f"- Produced by: { {k: v for k, v in report['model']['produced_by'].items() if k != 'ensemble'} }.",
-        f"- Best epoch {report['model'].get('best_epoch')}; validation metrics at that epoch: "
-        + ", ".join(f"{k} {v:.4f}" for k, v in report['model'].get('validation', {}).items()),
+        *([f"- Best epoch {report['model']['best_epoch']}; validation metrics at that epoch: "
+           + ", ".join(f"{k} {v:.4f}" for k, v in report['model'].get('validation', {}).items())]
+          if report['model'].get('best_epoch') is not None else []),
+        f"- Validation at the chosen threshold: AUC {validation['auc']:.4f}, sensitivity "
+        f"{validation['sensitivity']:.4f}, specificity {validation['specificity']:.4f}.",
         "",
         "<details><summary>Training config</summary>",
         "",

@@ -22,7 +22,8 @@ def _member(tmp_path, name: str, family: str, depth: int, seed: int) -> Member:
                                                       dense_units=8))
     model = build_model(config.model)
     metadata = {"class_names": ["NORMAL", "PNEUMONIA"], "input": {"image_size": SIZE},
-                "config": {"name": name, "model": {"family": family, "image_size": SIZE}}, "best_epoch": 3}
+                "config": {"name": name, "model": {"family": family, "image_size": SIZE}}, "best_epoch": 3,
+                "validation": {"auc": 0.9}}
     save_model_dir(model, metadata, tmp_path / name)
     return Member(name, family, SIZE, 0.9, str(tmp_path / name))
 
@@ -36,7 +37,7 @@ def test_ensemble_predicts_the_mean_of_its_members_and_reloads(tmp_path):
     assert not np.allclose(alone[0], alone[1])  # two different members, or the test proves nothing
     np.testing.assert_allclose(ensemble.predict_on_batch(x), np.mean(alone, axis=0), atol=1e-6)
     assert [m["trial_id"] for m in metadata["ensemble"]] == ["a", "b"]
-    assert metadata["input"]["image_size"] == SIZE and "best_epoch" not in metadata
+    assert metadata["input"]["image_size"] == SIZE and "best_epoch" not in metadata and "validation" not in metadata
 
 
 def test_gradcam_of_an_ensemble_is_the_mean_of_its_members_maps(tmp_path):

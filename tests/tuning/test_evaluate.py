@@ -170,7 +170,7 @@ def test_evaluate_from_an_experiment_best_json(trained, mendeley_dir, tmp_path):
                                                       "metrics": {"val_auc": 0.9}}))
     assert main(["evaluate", "--experiment", str(experiment), "--data", str(mendeley_dir),
                  "--reports", str(tmp_path / "r"), "--artifacts", str(tmp_path / "a")]) == 0
-    report = json.loads((tmp_path / "r" / "cnn" / "report.json").read_text())
+    report = json.loads((tmp_path / "r" / "cnn-abc_00001" / "report.json").read_text())  # <family>-<trial>
     assert report["model"]["produced_by"]["trial_id"] == "abc_00001"
 
 

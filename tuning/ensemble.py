@@ -15,9 +15,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-METRIC, MODE = "val_auc", "max"  # what the search ranked trials by (tuning.run)
-
-
 @dataclasses.dataclass(frozen=True)
 class Member:
     trial_id: str
@@ -32,8 +29,9 @@ def top_members(experiment: str, size: int) -> list[Member]:
     each with its best checkpoint, among those taking the best trial's input size."""
     from ray.tune import ExperimentAnalysis
 
+    from models.download import default_cache_dir
     from models.package import read_metadata
-    from tuning.run import is_remote
+    from tuning.run import METRIC, MODE, is_remote  # what the search ranked its trials by
 
     analysis = ExperimentAnalysis(experiment, default_metric=METRIC, default_mode=MODE)
     ranked = []
@@ -44,8 +42,6 @@ def top_members(experiment: str, size: int) -> list[Member]:
             continue
         path = checkpoint.path
         if is_remote(experiment):
-            from models.download import default_cache_dir
-
             path = checkpoint.to_directory(str(default_cache_dir() / "checkpoints" / trial.trial_id / Path(path).name))
         model_config = read_metadata(path)["config"]["model"]
         ranked.append(Member(trial.trial_id, model_config["family"], int(model_config["image_size"]),

@@ -51,6 +51,8 @@ def resolve_source(model_dir: str | None, experiment: str | None, ensemble: int 
     if ensemble < 1:
         raise EvaluationError(f"ensemble must be >= 1, got {ensemble}")
     if model_dir:
+        if ensemble > 1:
+            raise EvaluationError("an ensemble is built from a search's trials: use --experiment DIR with --ensemble")
         return Path(model_dir), {"kind": "model directory", "path": str(model_dir)}
     best_path = Path(experiment) / "best.json"
     if not best_path.is_file():

@@ -58,9 +58,11 @@ def test_ensemble_size_is_validated():
         load_config(TuneConfig, overrides=["ensemble=0"])
 
 
-def test_evaluate_refuses_an_ensemble_of_zero(tmp_path):
-    from tuning.evaluate import EvaluationError, resolve_source
+def test_evaluate_refuses_an_ensemble_of_zero_or_of_one_model_dir(tmp_path, capsys):
+    from tuning.cli import main
 
     (tmp_path / "best.json").write_text(json.dumps({"checkpoint_path": str(tmp_path)}))
-    with pytest.raises(EvaluationError, match="ensemble must be >= 1"):
-        resolve_source(None, str(tmp_path), ensemble=0)
+    assert main(["evaluate", "--experiment", str(tmp_path), "--ensemble", "0"]) == 2
+    assert "ensemble must be >= 1" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tmp_path), "--ensemble", "3"]) == 2
+    assert "use --experiment DIR with --ensemble" in capsys.readouterr().err

@@ -11,7 +11,6 @@ and serving take as they are.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,14 +76,10 @@ def build_ensemble(members: list[Member], directory: str | Path) -> Path:
 
 def ensemble_from_experiment(experiment: str, best_json: Path, size: int,
                              log: Callable[[str], None] = print) -> tuple[Path, list[Member]]:
-    """Build (or reuse) the top-``size`` ensemble of a finished search beside its ``best.json``."""
+    """Build the top-``size`` ensemble of a finished search beside its ``best.json`` (a few seconds; rebuilt
+    each time, so it always matches the trials and the code)."""
     members = top_members(experiment, size)
-    directory = best_json.parent / f"ensemble-top{size}-{members[0].trial_id}"
-    listing = directory / "members.json"
-    wanted = json.dumps([dataclasses.asdict(m) for m in members], indent=2)
-    if not (listing.is_file() and listing.read_text() == wanted):
-        build_ensemble(members, directory)
-        listing.write_text(wanted)
+    directory = build_ensemble(members, best_json.parent / f"ensemble-top{size}-{members[0].trial_id}")
     log(f"ensemble of {len(members)} trial(s) at {members[0].image_size} px: "
         + ", ".join(f"{m.trial_id} ({m.family}, val AUC {m.val_auc:.4f})" for m in members))
     return directory, members

@@ -26,6 +26,13 @@ _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_"),  # person1234_bacteria_5678.jpeg
     re.compile(r"^((?:NORMAL2-)?IM-\d+)-"),  # IM-0115-0001.jpeg, NORMAL2-IM-0927-0001.jpeg
 )
+# What else a Kermany file name tells: the pneumonia's cause, or the series a normal film came in.
+_SUBGROUP_PATTERNS = (
+    (re.compile(r"^person\d+_bacteria_"), "bacterial pneumonia"),
+    (re.compile(r"^person\d+_virus_"), "viral pneumonia"),
+    (re.compile(r"^NORMAL2-IM-"), "normal, NORMAL2- series"),
+    (re.compile(r"^IM-"), "normal, IM- series"),
+)
 
 
 class DataLayoutError(ValueError):
@@ -40,6 +47,12 @@ def patient_id(filename: str) -> str:
         if match:
             return match.group(1)
     return os.path.splitext(name)[0]
+
+
+def subgroup(filename: str) -> str:
+    """The subgroup a Kermany file name encodes (bacterial/viral pneumonia, series of a normal film)."""
+    name = os.path.basename(filename)
+    return next((group for pattern, group in _SUBGROUP_PATTERNS if pattern.match(name)), "other")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +70,13 @@ class Split:
 
     def counts(self) -> dict[str, int]:
         return {name: int((self.labels == i).sum()) for i, name in enumerate(CLASS_NAMES)}
+
+    def subgroups(self) -> np.ndarray | None:
+        """Each image's :func:`subgroup`, or None when the file names tell none (MedMNIST, other names)."""
+        if self.paths is None:
+            return None
+        groups = np.asarray([subgroup(p) for p in self.paths])
+        return None if (groups == "other").all() else groups
 
     def subset(self, index: np.ndarray, name: str | None = None) -> Split:
         return Split(

@@ -17,7 +17,13 @@ import numpy as np
 from models.config import from_dict
 from models.dataset import CLASS_NAMES, DataSplits, Split, load_splits
 from tuning.config import TrainConfig
-from tuning.metrics import binary_report, bootstrap_intervals, sensitivity_threshold, youden_threshold
+from tuning.metrics import (
+    binary_report,
+    bootstrap_intervals,
+    sensitivity_threshold,
+    subgroup_rates,
+    youden_threshold,
+)
 
 PREDICT_BATCH_SIZE = 64
 BOOTSTRAP_RESAMPLES = 1000
@@ -103,6 +109,16 @@ def _load_data(config: TrainConfig, data: str | None, trained_fingerprint: str |
     return splits
 
 
+def subgroup_report(splits: DataSplits, probabilities: dict[str, np.ndarray], threshold: float) -> dict:
+    """Correct calls per file-name subgroup on validation and test; empty when the names tell none."""
+    report = {}
+    for split in (splits.val, splits.test):
+        groups = split.subgroups()
+        if groups is not None:
+            report[split.name] = subgroup_rates(split.labels, probabilities[split.name], groups, threshold)
+    return report
+
+
 def write_predictions(path: Path, split: Split, probabilities: np.ndarray, threshold: float) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -151,6 +167,7 @@ def evaluate(
         "test": binary_report(labels, test_probabilities, threshold),
         "test_at_0_5": binary_report(labels, test_probabilities, 0.5),
         "validation_at_threshold": binary_report(splits.val.labels, val_probabilities, threshold),
+        "subgroups": subgroup_report(splits, {"val": val_probabilities, "test": test_probabilities}, threshold),
         "confidence_intervals": bootstrap_intervals(labels, test_probabilities, threshold, BOOTSTRAP_RESAMPLES),
         "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
         "counts": {s.name: s.counts() for s in (splits.train, splits.val, splits.test)},

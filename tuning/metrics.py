@@ -107,3 +107,24 @@ def bootstrap_intervals(labels, probabilities, threshold: float, resamples: int 
                            random_state=np.random.default_rng(seed))
         intervals[name] = [float(result.confidence_interval.low), float(result.confidence_interval.high)]
     return intervals
+
+
+def subgroup_rates(labels, probabilities, groups, threshold: float) -> list[dict]:
+    """Per subgroup: images, how many are called correctly at ``threshold`` (with a Wilson 95 % interval),
+    and the median P(PNEUMONIA). Shows where the errors fall, e.g. which series of normal films is over-called."""
+    from scipy.stats import binomtest
+
+    labels, probabilities = _as_arrays(labels, probabilities)
+    groups = np.asarray(groups).reshape(-1)
+    if groups.shape != labels.shape:
+        raise ValueError(f"{labels.size} labels but {groups.size} subgroups")
+    correct = (probabilities >= threshold).astype(int) == labels
+    rows = []
+    for group in sorted(set(groups.tolist())):
+        member = groups == group
+        n, k = int(member.sum()), int(correct[member].sum())
+        interval = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+        rows.append({"group": group, "images": n, "correct": k, "rate": k / n,
+                     "ci": [float(interval.low), float(interval.high)],
+                     "median_probability": float(np.median(probabilities[member]))})
+    return rows

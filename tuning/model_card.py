@@ -31,6 +31,49 @@ def ensemble_lines(members: list[dict]) -> list[str]:
             "validation metrics are in the search's trials."]
 
 
+def _rate(row: dict | None, with_ci: bool) -> str:
+    if row is None:
+        return "-"
+    text = f"{row['correct']}/{row['images']} ({100 * row['rate']:.1f} %"
+    if with_ci:
+        text += f", {100 * row['ci'][0]:.1f}-{100 * row['ci'][1]:.1f}"
+    return text + ")"
+
+
+def subgroup_lines(subgroups: dict) -> list[str]:
+    """Correct calls per file-name subgroup, validation beside test: where a shift shows, and where not."""
+    if not subgroups:
+        return []
+    by_split = {split: {row["group"]: row for row in rows} for split, rows in subgroups.items()}
+    groups = sorted({group for rows in by_split.values() for group in rows})
+    lines = [
+        "## Where the errors fall",
+        "",
+        "Correct calls at the chosen threshold per subgroup the file names encode (test: Wilson 95 % interval); "
+        "for a NORMAL subgroup this is its specificity, for a PNEUMONIA one its sensitivity.",
+        "",
+        "| subgroup | validation | test | test median P(pneumonia) |",
+        "|---|---|---|---|",
+    ]
+    for group in groups:
+        val, test = by_split.get("val", {}).get(group), by_split.get("test", {}).get(group)
+        median = "-" if test is None else f"{test['median_probability']:.3f}"
+        lines.append(f"| {group} | {_rate(val, False)} | {_rate(test, True)} | {median} |")
+    return lines + [""]
+
+
+def _produced_by(produced_by: dict) -> str:
+    """Where the model came from, in words: the experiment and trial, or the model directory."""
+    if produced_by.get("kind") != "tuning experiment":
+        return f"- Produced by: model directory `{produced_by.get('path')}`."
+    validation = produced_by.get("validation") or {}
+    auc = ""
+    if "val_auc" in validation:
+        auc = f", validation AUC {validation['val_auc']:.4f} at epoch {validation.get('epoch')}"
+    return (f"- Produced by: trial `{produced_by.get('trial_id')}` of the tuning experiment "
+            f"`{produced_by['experiment']}`{auc}.")
+
+
 def render(report: dict) -> str:
     test, at_half = report["test"], report["test_at_0_5"]
     (tn, fp), (fn, tp) = test["confusion_matrix"]
@@ -75,6 +118,7 @@ def render(report: dict) -> str:
         "![ROC](roc.png) ![confusion matrix](confusion_matrix.png)",
         "![precision-recall](pr.png) ![calibration](calibration.png)",
         "",
+        *subgroup_lines(report.get("subgroups", {})),
         "## Data and splits",
         "",
         f"- Source: `{report['data']['source']}` ({report['data']['layout']} layout), fingerprint "
@@ -90,7 +134,7 @@ def render(report: dict) -> str:
         f"- Family `{config['model']['family']}`, input {config['model']['image_size']} x "
         f"{config['model']['image_size']} grayscale in [0, 1]; model file sha256 `{report['model']['sha256'][:16]}...`.",
         *ensemble_lines(report['model']['produced_by'].get("ensemble", [])),
-        f"- Produced by: { {k: v for k, v in report['model']['produced_by'].items() if k != 'ensemble'} }.",
+        _produced_by(report["model"]["produced_by"]),
         *([f"- Best epoch {report['model']['best_epoch']}; validation metrics at that epoch: "
            + ", ".join(f"{k} {v:.4f}" for k, v in report['model'].get('validation', {}).items())]
           if report['model'].get('best_epoch') is not None else []),

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from models.dataset import DataLayoutError, load_splits, patient_id
+from models.dataset import DataLayoutError, Split, load_splits, patient_id, subgroup
 from tests.conftest import write_split
 from tuning.cli import main
 
@@ -15,6 +15,20 @@ def test_patient_ids_follow_kermany_file_names():
     assert patient_id("IM-0429-0001-0002.jpeg") == "IM-0429"
     assert patient_id("NORMAL2-IM-0927-0001.jpeg") == "NORMAL2-IM-0927"
     assert patient_id("scan.png") == "scan"
+
+
+def test_subgroups_follow_kermany_file_names():
+    assert subgroup("/x/person1234_bacteria_5678.jpeg") == "bacterial pneumonia"
+    assert subgroup("person7_virus_12.jpeg") == "viral pneumonia"
+    assert subgroup("NORMAL2-IM-0927-0001.jpeg") == "normal, NORMAL2- series"
+    assert subgroup("IM-0115-0001.jpeg") == "normal, IM- series"
+    assert subgroup("scan.png") == "other"
+    names = np.asarray(["IM-0001-0001.jpeg", "scan.png"])
+    split = Split("test", np.array([0, 1]), names, paths=names)
+    assert split.subgroups().tolist() == ["normal, IM- series", "other"]
+    # names that tell nothing, or no names at all (MedMNIST), give no subgroups
+    assert Split("test", np.array([0]), names[1:], paths=names[1:]).subgroups() is None
+    assert Split("test", np.array([0]), names[:1], images=np.zeros((1, 2, 2), np.uint8)).subgroups() is None
 
 
 def test_mendeley_layout_is_split_by_patient_and_class(mendeley_dir):

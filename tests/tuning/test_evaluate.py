@@ -11,7 +11,13 @@ from sklearn import metrics as skm
 
 from models.package import PackageError, load_model_dir
 from tuning.cli import main
-from tuning.metrics import binary_report, bootstrap_intervals, sensitivity_threshold, youden_threshold
+from tuning.metrics import (
+    binary_report,
+    bootstrap_intervals,
+    sensitivity_threshold,
+    subgroup_rates,
+    youden_threshold,
+)
 
 TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8",
         "batch_size=8", "mixed_precision=float32", "epochs=2"]
@@ -67,6 +73,19 @@ def test_thresholds_youden_and_target_sensitivity():
     assert sensitivity_threshold(labels, probs, 0.8) == pytest.approx(0.55)
 
 
+def test_subgroup_rates_count_correct_calls_per_group():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    probs = np.array([0.2, 0.7, 0.1, 0.9, 0.4, 0.8, 0.6])
+    groups = ["a", "a", "b", "c", "c", "c", "b"]
+    rows = {row["group"]: row for row in subgroup_rates(labels, probs, groups, 0.5)}
+    assert [(rows[g]["correct"], rows[g]["images"]) for g in "abc"] == [(1, 2), (2, 2), (2, 3)]
+    assert rows["c"]["median_probability"] == pytest.approx(0.8)
+    low, high = rows["c"]["ci"]
+    assert low < 2 / 3 < high and 0 <= low and high <= 1
+    with pytest.raises(ValueError, match="7 labels but 2 subgroups"):
+        subgroup_rates(labels, probs, ["a", "b"], 0.5)
+
+
 def test_bootstrap_intervals_bracket_the_point_estimate():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 300)
@@ -101,7 +120,16 @@ def test_evaluate_writes_report_plots_predictions_and_package(trained, mendeley_
         with Image.open(path) as image:
             image.verify()
             assert image.size[0] >= 400 and image.size[1] >= 400
+    # the generated names encode subgroups: every test image is counted once, its calls as in predictions.csv
+    test_groups = {row["group"]: row for row in report["subgroups"]["test"]}
+    assert set(report["subgroups"]) == {"val", "test"}
+    assert set(test_groups) == {"bacterial pneumonia", "normal, IM- series"}
+    normal = test_groups["normal, IM- series"]
+    assert normal["images"] == 8 and normal["correct"] == sum(r["pred"] == r["label"] == "NORMAL" for r in rows)
+    assert test_groups["bacterial pneumonia"]["correct"] == test["confusion_matrix"][1][1]
     card = (report_dir / "report.md").read_text()
+    assert "## Where the errors fall" in card and "| normal, IM- series | " in card
+    assert "Produced by: model directory" in card
     assert "Kermany et al. 2018" in card and "92.8 %" in card and "not a diagnostic device" in card.lower()
     assert "grouped by patient" in card
 

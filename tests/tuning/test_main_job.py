@@ -55,6 +55,8 @@ def test_main_job_tunes_evaluates_serves_and_answers_like_the_evaluation(tmp_pat
     assert summary["answer"]["model_version"] == metadata["version"]
     members = [m["trial_id"] for m in metadata["ensemble"]]
     assert len(set(members)) == 2 and Path(summary["report_dir"]).name == f"ensemble2-{members[0]}"
+    card = (tmp_path / summary["report_dir"] / "report.md").read_text()
+    assert f"Produced by: trial `{members[0]}` of the tuning experiment" in card and "validation AUC" in card
 
 
 @pytest.mark.slow

@@ -52,12 +52,12 @@ def subgroup_lines(subgroups: dict) -> list[str]:
         "Correct calls at the chosen threshold per subgroup the file names encode (test: Wilson 95 % interval); "
         "for a NORMAL subgroup this is its specificity, for a PNEUMONIA one its sensitivity.",
         "",
-        "| subgroup | validation | test | test median P(pneumonia) |",
+        "| subgroup | validation | test | median P(pneumonia), validation / test |",
         "|---|---|---|---|",
     ]
     for group in groups:
         val, test = by_split.get("val", {}).get(group), by_split.get("test", {}).get(group)
-        median = "-" if test is None else f"{test['median_probability']:.3f}"
+        median = " / ".join("-" if row is None else f"{row['median_probability']:.3f}" for row in (val, test))
         lines.append(f"| {group} | {_rate(val, False)} | {_rate(test, True)} | {median} |")
     return lines + [""]
 

@@ -60,6 +60,10 @@ class ModelConfig:
     # inception
     weights: str = "none"  # "imagenet", "none" or a local weights file path
     trainable_blocks: int = -1  # last N of InceptionV3's 11 "mixed" blocks train; -1 = all, 0 = frozen
+    # both: moving-average momentum of every batch norm. Keras' 0.99 leaves the statistics that validation
+    # (inference mode) uses unsettled for a few hundred steps, so early epochs score as constant outputs and
+    # ASHA prunes on noise; 0.9 settles within tens of steps.
+    bn_momentum: float = 0.9
 
     def __post_init__(self) -> None:
         minimum = 75 if self.family == "inception" else 16
@@ -71,6 +75,8 @@ class ModelConfig:
             raise ValueError("depth, base_filters, convs_per_block and kernel_size must be >= 1")
         if self.image_size >> self.depth < 1:
             raise ValueError(f"depth {self.depth} pools a {self.image_size} px image below 1 px")
+        if not 0.0 <= self.bn_momentum < 1.0:
+            raise ValueError(f"bn_momentum must lie in [0, 1), got {self.bn_momentum}")
         if not -1 <= self.trainable_blocks <= 11:
             raise ValueError(f"trainable_blocks must lie in -1..11, got {self.trainable_blocks}")
 

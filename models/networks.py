@@ -40,7 +40,7 @@ def build_cnn(config: ModelConfig):
             # A separable conv on the 1-channel input gains nothing, so the first conv is always full.
             layer = keras.layers.SeparableConv2D if config.separable and (block, conv) != (0, 0) else keras.layers.Conv2D
             x = layer(filters, config.kernel_size, padding="same", use_bias=False, name=f"block{block}_conv{conv}")(x)
-            x = keras.layers.BatchNormalization(name=f"block{block}_bn{conv}")(x)
+            x = keras.layers.BatchNormalization(momentum=config.bn_momentum, name=f"block{block}_bn{conv}")(x)
             x = keras.layers.ReLU(name=f"block{block}_relu{conv}")(x)
         x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
@@ -100,6 +100,9 @@ def build_inception(config: ModelConfig):
     rgb = keras.layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
     scaled = keras.layers.Rescaling(2.0, offset=-1.0, name="to_inception_range")(rgb)  # [0, 1] -> [-1, 1]
     backbone = _inception_backbone(config)
+    for layer in backbone.layers:  # keras.applications builds them with the 0.99 default
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = config.bn_momentum
     _freeze_blocks(backbone, config.trainable_blocks)
     features = backbone(scaled)  # the last feature maps stay visible for Grad-CAM
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)

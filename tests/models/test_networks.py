@@ -115,6 +115,25 @@ def test_imagenet_weights_offline_say_so_and_name_the_alternatives(tmp_path):
     assert "model.weights=none" in result.stderr and "weights.h5" in result.stderr
 
 
+@pytest.mark.parametrize("family,size", [("cnn", 32), ("inception", 75)])
+def test_batch_norm_momentum_follows_the_config(family, size):
+    """One training step moves every moving mean (1 - momentum) of the way to the batch mean, in both
+    families (InceptionV3's own batch norms included)."""
+    momenta = (0.9, 0.5)
+    models = [build_model(ModelConfig(family=family, image_size=size, depth=2, base_filters=4, dense_units=8,
+                                      bn_momentum=m)) for m in momenta]
+    models[1].set_weights(models[0].get_weights())
+    x, y = _batch(size)
+    first_norm_means = []
+    for model, momentum in zip(models, momenta):
+        compile_model(model, TrainConfig(model=ModelConfig(family=family, image_size=size)), steps_per_epoch=1)
+        model.train_on_batch(x, y)
+        norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+        assert norms and {layer.momentum for layer in norms} == {momentum}
+        first_norm_means.append(np.asarray(norms[0].moving_mean))
+    np.testing.assert_allclose(first_norm_means[1], 5 * first_norm_means[0], rtol=1e-4, atol=1e-7)
+
+
 def test_model_config_refuses_bad_values():
     with pytest.raises(ConfigError, match="image_size must be >= 75 for inception"):
         load_config(ModelConfig, overrides=["family=inception", "image_size=64"])
@@ -122,6 +141,8 @@ def test_model_config_refuses_bad_values():
         load_config(ModelConfig, overrides=["family=resnet"])
     with pytest.raises(ConfigError, match="unknown key depht"):
         load_config(ModelConfig, overrides=["depht=3"])
+    with pytest.raises(ConfigError, match=r"bn_momentum must lie in \[0, 1\)"):
+        load_config(ModelConfig, overrides=["bn_momentum=1.0"])
     with pytest.raises(ConfigError, match="depth: expected an integer"):
         load_config(ModelConfig, overrides=["depth=deep"])
 

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+
 @dataclasses.dataclass(frozen=True)
 class Member:
     trial_id: str

@@ -4,7 +4,7 @@ The GPU machine this was measured on has JAX but not TensorFlow, so this runs th
 (``models.networks.build_model``) on Keras 3's JAX backend, with numpy batches (no tf.data): it measures
 the model's training step, which is what the GPU changes.
 
-Usage (on a GPU machine with jax and keras): KERAS_BACKEND=jax python benchmarks/gpu_train_throughput.py
+Usage (on a GPU machine with jax and keras): KERAS_BACKEND=jax python -m benchmarks.gpu_train_throughput
     [--steps 30] [--batch-size 64] [--json out.json]
 """
 

@@ -6,7 +6,7 @@
    seconds, its seconds per epoch, and how the trial's loop time grows with the epochs it ran (ASHA stops
    trials at different epochs, so one search gives several points).
 
-Usage: python benchmarks/search_cost.py [--sizes 64,128,192] [--experiment ~/ray_results/full-cpu] [--json out.json]
+Usage: python -m benchmarks.search_cost [--sizes 64,128,192] [--experiment ~/ray_results/full-cpu] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import statistics
 import sys
 from pathlib import Path
 
+from tuning.experiment import read_trial_results
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def size_rates(sizes: list[int], steps: int, batch_size: int) -> dict[int, float]:
@@ -27,7 +27,7 @@ def size_rates(sizes: list[int], steps: int, batch_size: int) -> dict[int, float
 
     from models.config import load_config
     from models.runtime import configure_tensorflow
-    from train_throughput import model_images_per_sec
+    from benchmarks.train_throughput import model_images_per_sec
     from tuning.config import TrainConfig
 
     configure_tensorflow(0, "float32")
@@ -37,10 +37,8 @@ def size_rates(sizes: list[int], steps: int, batch_size: int) -> dict[int, float
 
 
 def trial_costs(experiment: Path) -> list[dict]:
-    from search_strategies import trial_rows
-
     rows = []
-    for results in filter(None, trial_rows(experiment)):
+    for results in read_trial_results(experiment).values():
         last = results[-1]
         config = last.get("config", {})
         epochs = len(results)

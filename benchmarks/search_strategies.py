@@ -5,7 +5,7 @@ after the other on one local in-process Ray. Reported per search: the best valid
 wall time, the epochs trained in all, and the wall time until some trial first reached each of a few fixed
 validation AUCs (``--targets``); the JSON keeps each search's best-so-far curve.
 
-Usage: python benchmarks/search_strategies.py --data ../shared/data/chest_xray [--trials 12] [--targets 0.85,0.9] [--json out.json]
+Usage: python -m benchmarks.search_strategies --data ../shared/data/chest_xray [--trials 12] [--targets 0.85,0.9] [--json out.json]
 """
 
 from __future__ import annotations
@@ -16,24 +16,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tuning.experiment import METRIC, read_trial_results
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 STRATEGIES = {"tpe+asha": ["searcher=optuna", "scheduler=asha"], "random+fifo": ["searcher=random", "scheduler=fifo"]}
 
 
-def trial_rows(experiment: Path) -> list[list[dict]]:
-    """Every trial's reported results, in order."""
-    return [[json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            for path in sorted(experiment.glob("*/result.json"))]
-
-
 def summarize(trials: list[list[dict]], started: float, wall: float, targets: list[float]) -> dict:
-    results = sorted((row for rows in trials for row in rows if "val_auc" in row), key=lambda row: row["timestamp"])
+    results = sorted((row for rows in trials for row in rows if METRIC in row), key=lambda row: row["timestamp"])
     curve, best = [], 0.0  # best validation AUC so far, against seconds since the search started
     for row in results:
-        if row["val_auc"] > best:
-            best = row["val_auc"]
+        if row[METRIC] > best:
+            best = row[METRIC]
             curve.append((round(row["timestamp"] - started, 1), best))
     return {
         "trials": len(trials),
@@ -62,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from models.config import load_config
     from tuning.config import TuneConfig
-    from tuning.run import tune_experiment
+    from tuning.search import run_search
 
     ray.init(include_dashboard=False, log_to_driver=False)
     figures = {}
@@ -73,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"train.data.path={Path(args.data).resolve()}", *args.set]
             config = load_config(TuneConfig, args.config, overrides)
             started = time.time()
-            best = tune_experiment(config, log=lambda line: None)
+            best = run_search(config, log=lambda line: None)
             wall = time.time() - started
-            figures[name] = summarize(trial_rows(Path(best["experiment"])), started, wall, targets)
+            trials = list(read_trial_results(best["experiment"]).values())
+            figures[name] = summarize(trials, started, wall, targets)
             print(name, json.dumps({k: v for k, v in figures[name].items() if k != "best_so_far"}), flush=True)
     ray.shutdown()
     print("\n| search | trials | epochs trained | best val AUC | wall s | "

@@ -6,7 +6,7 @@ for a fixed time against (a) the Serve app (1 classifier replica; behind Serve's
 ``model.predict`` per request), and (c) the ceiling: the same decode, preprocessing and model called
 in-process on full batches of 32. Reports requests/s, p50/p95/p99 latency, errors, and the client's CPU share.
 
-Usage: python benchmarks/serve_load.py --package artifacts/VERSION --image X.jpeg [--seconds 15] [--json out.json]
+Usage: python -m benchmarks.serve_load --package artifacts/VERSION --image X.jpeg [--seconds 15] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from serving.launch import HAPROXY_ENV, HAPROXY_PORTS, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LUA = """
@@ -37,12 +38,6 @@ done = function(summary, latency, requests)
     latency:percentile(99) / 1000))
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, image: bytes, timeout: float = 180) -> None:
@@ -115,7 +110,7 @@ def ceiling(package: str, image_path: Path, seconds: float, batch: int = 32) -> 
 
     configure_tensorflow(0, "float32")
     model, metadata = load_model_dir(package)
-    size = metadata["input"]["image_size"]
+    size = metadata.image_size
     body = image_path.read_bytes()
     model.predict_on_batch(np.stack([decode_request(body, "image/jpeg", size, 40_000_000)] * batch))
     images, start = 0, time.perf_counter()
@@ -123,6 +118,36 @@ def ceiling(package: str, image_path: Path, seconds: float, batch: int = 32) -> 
         model.predict_on_batch(np.stack([decode_request(body, "image/jpeg", size, 40_000_000) for _ in range(batch)]))
         images += batch
     return {"images_per_sec": images / (time.perf_counter() - start), "batch": batch}
+
+
+def measure_server(command: list[str], env: dict, port: int, image: Path, script: Path, levels: list[int],
+                   seconds: int, log: Path) -> list[dict]:
+    """Start one server in its own process group, load it at each concurrency, stop it and its group."""
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                               start_new_session=True)
+    rows = []
+    try:
+        url = f"http://127.0.0.1:{port}/predict"
+        wait_ready(url, image.read_bytes())
+        run_wrk(url, script, 4, 3)  # warm-up
+        for connections in levels:
+            before = cpu_by_process(process.pid)
+            row = run_wrk(url, script, connections, seconds)
+            row["server_cpu_seconds"] = cpu_spent(before, cpu_by_process(process.pid))
+            rows.append(row)
+    finally:
+        process.terminate()  # the server shuts Serve and its Ray down, then the group is stopped
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        for sig in (15, 9):
+            try:
+                os.killpg(process.pid, sig)
+                time.sleep(2)
+            except ProcessLookupError:
+                break
+    return rows
 
 
 def main() -> None:
@@ -153,8 +178,6 @@ def main() -> None:
         print(f"ceiling (in-process, batches of 32): {results['ceiling']['images_per_sec']:.1f} images/s", flush=True)
 
         # (a) the Serve endpoint, in a child process so that its Ray is stopped with it
-        from serving.launch import HAPROXY_ENV, HAPROXY_PORTS
-
         def serve_server(extra_env: dict) -> tuple[list[str], int, dict]:
             port = free_port()
             code = (
@@ -180,31 +203,8 @@ def main() -> None:
                                 "--port", str(naive_port), "--log-level", "warning"], naive_port, {})
         for name, (command, server_port, extra_env) in servers.items():
             env = {**os.environ, "PNEUMONIA_PACKAGE": package, **extra_env}
-            process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                       stderr=open(Path(tmp) / f"{name}.log", "w"), start_new_session=True)
-            try:
-                url = f"http://127.0.0.1:{server_port}/predict"
-                wait_ready(url, image.read_bytes())
-                run_wrk(url, script, 4, 3)  # warm-up
-                results[name] = []
-                for c in levels:
-                    before = cpu_by_process(process.pid)
-                    row = run_wrk(url, script, c, args.seconds)
-                    after = cpu_by_process(process.pid)
-                    row["server_cpu_seconds"] = cpu_spent(before, after)
-                    results[name].append(row)
-            finally:
-                process.terminate()  # the server shuts Serve and its Ray down, then the group is stopped
-                try:
-                    process.wait(60)
-                except subprocess.TimeoutExpired:
-                    pass
-                for sig in (15, 9):
-                    try:
-                        os.killpg(process.pid, sig)
-                        time.sleep(2)
-                    except ProcessLookupError:
-                        break
+            results[name] = measure_server(command, env, server_port, image, script, levels, args.seconds,
+                                           Path(tmp) / f"{name}.log")
             for row in results[name]:
                 share = row["rps"] / results["ceiling"]["images_per_sec"]
                 row["share_of_ceiling"] = share

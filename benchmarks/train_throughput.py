@@ -4,7 +4,7 @@
 2. Input pipeline: images/s of the training tf.data pipeline (cold: decode + preprocess; warm: cached,
    shuffled, augmented) against the model's images/s, to show the pipeline is not the bottleneck.
 
-Usage: python benchmarks/train_throughput.py --data ../shared/data/chest_xray [--steps 12] [--json out.json]
+Usage: python -m benchmarks.train_throughput --data ../shared/data/chest_xray [--steps 12] [--json out.json]
 """
 
 from __future__ import annotations

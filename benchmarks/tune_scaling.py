@@ -6,7 +6,7 @@ wall time (trial start to completion) is split into the training loop (``loop_se
 trial), the trial's own set-up (``setup_seconds``: TF start, data listing, model build) and the rest, which
 is Tune's: actor launch, result and checkpoint handling.
 
-Usage: python benchmarks/tune_scaling.py --data ../shared/data/chest_xray [--trials 6] [--json out.json]
+Usage: python -m benchmarks.tune_scaling --data ../shared/data/chest_xray [--trials 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tuning.experiment import read_trial_results
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "cluster" / "local-cluster.sh"
@@ -44,7 +46,7 @@ def run_on_cluster(nodes: int, data: str, trials: int, workdir: Path) -> dict:
     try:
         started = time.perf_counter()
         driver = subprocess.run(
-            [sys.executable, "-m", "tuning.run", "--address", f"127.0.0.1:{port}",
+            [sys.executable, "-m", "tuning.search", "--address", f"127.0.0.1:{port}",
              *search_args(data, trials, workdir, f"nodes{nodes}")],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
         wall = time.perf_counter() - started
@@ -53,8 +55,7 @@ def run_on_cluster(nodes: int, data: str, trials: int, workdir: Path) -> dict:
     finally:
         subprocess.run(["bash", str(RECIPE), "stop"], env=env, timeout=120)
     per_trial = []
-    for result in (workdir / f"nodes{nodes}").glob("*/result.json"):
-        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    for rows in read_trial_results(workdir / f"nodes{nodes}").values():
         last = rows[-1]
         # Tune's own wall clock of the trial, from its first to its last result, plus the time to its first
         # result; time_total_s is measured by Tune inside the trial actor from the function's start.

@@ -4,7 +4,7 @@
 #
 #   cluster/local-cluster.sh start [WORKERS] [CPUS_PER_NODE] [GPUS_PER_NODE]   # default 1 worker, 1 CPU, 1 GPU
 #   RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-#       python -m tuning.run --config tuning/configs/quick.yaml --data "$PWD/../shared/data/chest_xray" \
+#       python -m tuning.search --config tuning/configs/quick.yaml --data "$PWD/../shared/data/chest_xray" \
 #       --set storage_path=/tmp/pneumonia-results --set shared_storage=true
 #   cluster/local-cluster.sh stop
 set -euo pipefail

@@ -1,5 +1,1 @@
-"""Networks, their input preprocessing and dataset reading."""
-
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter off the console
+"""Networks, their input preprocessing, dataset reading and the model package format (no Ray, no HTTP)."""

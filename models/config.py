@@ -14,10 +14,12 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from models.errors import PneumoniaError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(PneumoniaError, ValueError):
     """A config file or override that does not fit its dataclass."""
 
 
@@ -35,18 +37,18 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction <= 0.5:
-            raise ValueError(f"val_fraction must lie in (0, 0.5], got {self.val_fraction}")
+            raise ConfigError(f"val_fraction must lie in (0, 0.5], got {self.val_fraction}")
         if self.augment < 0:
-            raise ValueError(f"augment must be >= 0, got {self.augment}")
+            raise ConfigError(f"augment must be >= 0, got {self.augment}")
         if self.max_train_images < 0 or self.max_val_images < 0:
-            raise ValueError("max_train_images and max_val_images must be >= 0")
+            raise ConfigError("max_train_images and max_val_images must be >= 0")
 
 
 @dataclasses.dataclass
 class ModelConfig:
     """One network of either family; fields a family does not use are ignored by it."""
 
-    family: Literal["cnn", "inception"] = "cnn"
+    family: Literal["cnn", "inception", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"] = "cnn"
     image_size: int = 128
     dropout: float = 0.3
     dense_units: int = 128
@@ -57,28 +59,30 @@ class ModelConfig:
     convs_per_block: int = 2
     kernel_size: int = 3
     separable: bool = False
-    # inception
+    # pretrained families (inception, efficientnet_lite*)
     weights: str = "none"  # "imagenet", "none" or a local weights file path
-    trainable_blocks: int = -1  # last N of InceptionV3's 11 "mixed" blocks train; -1 = all, 0 = frozen
+    # last N blocks of the backbone train (InceptionV3's 11 "mixed" blocks, Lite's 7 stages); -1 = all, 0 = frozen
+    trainable_blocks: int = -1
     # both: moving-average momentum of every batch norm. Keras' 0.99 leaves the statistics that validation
     # (inference mode) uses unsettled for a few hundred steps, so early epochs score as constant outputs and
     # ASHA prunes on noise; 0.9 settles within tens of steps.
     bn_momentum: float = 0.9
 
     def __post_init__(self) -> None:
-        minimum = 75 if self.family == "inception" else 16
+        minimum = {"inception": 75, "cnn": 16}.get(self.family, 32)  # Lite downsamples 32x
         if self.image_size < minimum:
-            raise ValueError(f"image_size must be >= {minimum} for {self.family}, got {self.image_size}")
+            raise ConfigError(f"image_size must be >= {minimum} for {self.family}, got {self.image_size}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+            raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout}")
         if self.depth < 1 or self.base_filters < 1 or self.convs_per_block < 1 or self.kernel_size < 1:
-            raise ValueError("depth, base_filters, convs_per_block and kernel_size must be >= 1")
+            raise ConfigError("depth, base_filters, convs_per_block and kernel_size must be >= 1")
         if self.image_size >> self.depth < 1:
-            raise ValueError(f"depth {self.depth} pools a {self.image_size} px image below 1 px")
+            raise ConfigError(f"depth {self.depth} pools a {self.image_size} px image below 1 px")
         if not 0.0 <= self.bn_momentum < 1.0:
-            raise ValueError(f"bn_momentum must lie in [0, 1), got {self.bn_momentum}")
-        if not -1 <= self.trainable_blocks <= 11:
-            raise ValueError(f"trainable_blocks must lie in -1..11, got {self.trainable_blocks}")
+            raise ConfigError(f"bn_momentum must lie in [0, 1), got {self.bn_momentum}")
+        blocks = {"inception": 11, "cnn": 11}.get(self.family, 7)
+        if not -1 <= self.trainable_blocks <= blocks:
+            raise ConfigError(f"trainable_blocks must lie in -1..{blocks} for {self.family}, got {self.trainable_blocks}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.errors import PneumoniaError
+
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 EXPECTED_LAYOUT = (
     "DIR/train/{NORMAL,PNEUMONIA}/*.jpeg and DIR/test/{NORMAL,PNEUMONIA}/*.jpeg "
@@ -35,7 +37,7 @@ _SUBGROUP_PATTERNS = (
 )
 
 
-class DataLayoutError(ValueError):
+class DataLayoutError(PneumoniaError, ValueError):
     """The data directory is empty or not in a layout this project reads."""
 
 

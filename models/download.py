@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 from models.dataset import detect_layout
+from models.errors import PneumoniaError
 
 # MedMNIST v2 (MedMNIST+ sizes), Zenodo record 10519652; MD5 sums as published by the medmnist package.
 MEDMNIST_FILES = {
@@ -24,7 +25,7 @@ MEDMNIST_FILES = {
 }
 
 
-class DownloadError(RuntimeError):
+class DownloadError(PneumoniaError):
     """A download that failed or did not match its checksum; nothing was left behind."""
 
 
@@ -63,7 +64,7 @@ def download_medmnist(cache_dir: str | Path | None = None, size: int = 224, url:
                       md5: str | None = None) -> Path:
     """``pneumoniamnist_{size}.npz`` in the cache dir (downloaded once, checksum verified)."""
     if size not in MEDMNIST_FILES and not (url and md5):
-        raise ValueError(f"MedMNIST offers pneumoniamnist at sizes {sorted(MEDMNIST_FILES)}, not {size}")
+        raise DownloadError(f"MedMNIST offers pneumoniamnist at sizes {sorted(MEDMNIST_FILES)}, not {size}")
     default_url, default_md5 = MEDMNIST_FILES.get(size, ("", ""))
     destination = Path(cache_dir or default_cache_dir()) / f"pneumoniamnist_{size}.npz"
     if destination.is_file():
@@ -75,7 +76,7 @@ def unpack_zip(archive: str | Path, destination: str | Path) -> Path:
     """Unpack a Kaggle or Mendeley zip so that ``destination/{train,test}/{NORMAL,PNEUMONIA}`` exists."""
     archive, destination = Path(archive), Path(destination)
     if destination.exists():
-        raise FileExistsError(f"{destination} already exists; remove it or choose another destination")
+        raise DownloadError(f"{destination} already exists; remove it or choose another destination")
     if not zipfile.is_zipfile(archive):
         raise DownloadError(f"{archive} is not a zip file")
     destination.parent.mkdir(parents=True, exist_ok=True)

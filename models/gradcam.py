@@ -1,13 +1,11 @@
 """Grad-CAM: where in the film the model looked for pneumonia (Selvaraju et al. 2017).
 
 The map is taken at the feature maps that feed the global pooling (the last conv block of ``cnn``, the
-InceptionV3 backbone's output of ``inception``) and returned as a PNG overlay on the input film. An
-ensemble's map is the mean of its members' maps.
+backbone's output of the pretrained families) and returned as an array in [0, 1]; drawing it over the film
+is serving's job (``serving.overlay``). An ensemble's map is the mean of its members' maps.
 """
 
 from __future__ import annotations
-
-import io
 
 import numpy as np
 
@@ -43,16 +41,3 @@ def gradcam(model, image: np.ndarray) -> np.ndarray:
     cam = cam / (tf.reduce_max(cam) + 1e-8)
     size = image.shape[:2]
     return tf.image.resize(cam[..., tf.newaxis], size, method="bilinear")[..., 0].numpy().clip(0, 1)
-
-
-def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> bytes:
-    """The film in gray with the heat map in the 'jet' colours on top, as PNG bytes."""
-    from matplotlib import colormaps
-    from PIL import Image
-
-    gray = np.repeat(image[..., :1], 3, axis=-1)
-    colours = colormaps["jet"](heatmap)[..., :3]
-    blended = (1 - alpha * heatmap[..., None]) * gray + alpha * heatmap[..., None] * colours
-    buffer = io.BytesIO()
-    Image.fromarray((blended.clip(0, 1) * 255).astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()

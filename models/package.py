@@ -1,25 +1,35 @@
 """The model directory format: ``model.keras`` + ``metadata.json`` + ``SHA256SUMS``.
 
-``metadata.json`` is the contract between training and serving (class names, input size and
-preprocessing, threshold); the checksums make a swapped or damaged file fail loudly at load time.
+:class:`PackageMetadata` is the one typed contract between training, evaluation and serving (class names,
+input contract, threshold, where the model came from); every producer writes it and the Serve replica reads
+it. The checksums make a swapped or damaged file fail loudly at load time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 import sys
+from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
+from typing import Any
+
+from models.config import ConfigError, from_dict
+from models.dataset import CLASS_NAMES
+from models.errors import PneumoniaError
+from models.preprocessing import InputContract
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 CHECKSUM_FILE = "SHA256SUMS"
+SCHEMA_VERSION = 2  # 1: the untyped dicts written before PackageMetadata (no schema_version key)
 
 
-class PackageError(ValueError):
-    """A model directory that is missing files or fails its checksums."""
+class PackageError(PneumoniaError, ValueError):
+    """A model directory that is missing files, fails its checksums or holds metadata this code cannot read."""
 
 
 def package_versions() -> dict[str, str]:
@@ -32,7 +42,106 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _sha256(path: Path) -> str:
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnsembleMember:
+    """One trial averaged into an ensemble, ranked by its best validation AUC."""
+
+    trial_id: str
+    family: str
+    image_size: int
+    val_auc: float
+    checkpoint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PackageMetadata:
+    """``metadata.json``: what a model directory holds and how to feed it.
+
+    A training checkpoint has the required fields and its training history; evaluation adds the version,
+    the threshold chosen on validation, the test metrics and the source; an ensemble lists its members.
+    """
+
+    class_names: list[str]
+    positive_class: str
+    input: InputContract
+    config: dict  # the TrainConfig (tuning.config) that trained it, as a mapping
+    threshold: float
+    threshold_method: str
+    created_at: str
+    version: str = ""  # set when evaluation exports a deployable package
+    data: dict = dataclasses.field(default_factory=dict)  # source, layout, fingerprints, counts
+    runtime: dict = dataclasses.field(default_factory=dict)  # threads and precision of training
+    best_epoch: int | None = None
+    validation: dict = dataclasses.field(default_factory=dict)  # metrics at the best epoch
+    history: list[dict] = dataclasses.field(default_factory=list)
+    ensemble: list[EnsembleMember] = dataclasses.field(default_factory=list)
+    test_metrics: dict = dataclasses.field(default_factory=dict)
+    test_confusion_matrix: list[list[int]] = dataclasses.field(default_factory=list)
+    confidence_intervals: dict = dataclasses.field(default_factory=dict)
+    source: dict = dataclasses.field(default_factory=dict)  # experiment, trial, model sha256
+    versions: dict = dataclasses.field(default_factory=package_versions)
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def for_training(cls, config: dict, image_size: int, **fields: Any) -> PackageMetadata:
+        """A checkpoint's metadata: threshold 0.5 until evaluation chooses one on validation."""
+        return cls(class_names=list(CLASS_NAMES), positive_class=CLASS_NAMES[1], input=InputContract(image_size),
+                   config=config, threshold=0.5, threshold_method="default 0.5 (not yet chosen on validation)",
+                   created_at=utc_now(), **fields)
+
+    @property
+    def image_size(self) -> int:
+        return self.input.image_size
+
+    def replace(self, **changes: Any) -> PackageMetadata:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = METADATA_FILE) -> PackageMetadata:
+        """Refuses missing required fields and unknown ones, naming them; reads schema 1 (no version key)."""
+        if not isinstance(data, dict):
+            raise PackageError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        schema = data.setdefault("schema_version", 1)
+        if schema not in (1, SCHEMA_VERSION):
+            raise PackageError(f"{where}: schema_version {schema} is not one this code reads (1 or {SCHEMA_VERSION}); "
+                               "upgrade the project to load it")
+        data["schema_version"] = SCHEMA_VERSION  # schema 1 has the same fields, untyped
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise PackageError(f"{where} lacks required field(s): {', '.join(missing)}")
+        try:
+            return from_dict(cls, data)
+        except ConfigError as exc:
+            raise PackageError(f"{where}: {exc}") from None
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / METADATA_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        return path
+
+    @classmethod
+    def read(cls, directory: str | Path) -> PackageMetadata:
+        path = Path(directory) / METADATA_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PackageError(f"{directory} is not a model directory: {METADATA_FILE} is missing") from None
+        except json.JSONDecodeError as exc:
+            raise PackageError(f"{path} is not valid JSON: {exc}") from None
+        return cls.from_dict(data, str(path))
+
+
+def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -40,18 +149,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    return _sha256(Path(path))
-
-
-def _finish(directory: Path, metadata: dict) -> Path:
-    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
-    sums = "".join(f"{_sha256(directory / name)}  {name}\n" for name in (MODEL_FILE, METADATA_FILE))
+def _finish(directory: Path, metadata: PackageMetadata) -> Path:
+    metadata.write(directory)
+    sums = "".join(f"{file_sha256(directory / name)}  {name}\n" for name in (MODEL_FILE, METADATA_FILE))
     (directory / CHECKSUM_FILE).write_text(sums)
     return directory
 
 
-def save_model_dir(model, metadata: dict, directory: str | Path) -> Path:
+def save_model_dir(model, metadata: PackageMetadata, directory: str | Path) -> Path:
     """Write the model, its metadata and their checksums into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -59,12 +164,12 @@ def save_model_dir(model, metadata: dict, directory: str | Path) -> Path:
     return _finish(directory, metadata)
 
 
-def write_package(source_dir: str | Path, metadata: dict, directory: str | Path) -> Path:
+def write_package(source_dir: str | Path, metadata: PackageMetadata, directory: str | Path) -> Path:
     """A deployable package: the verified ``model.keras`` of ``source_dir`` byte for byte, new metadata."""
     source_dir, directory = Path(source_dir), Path(directory)
     verify_model_dir(source_dir)
     if directory.exists():
-        raise FileExistsError(f"{directory} already exists; packages are never overwritten")
+        raise PackageError(f"{directory} already exists; packages are never overwritten")
     directory.mkdir(parents=True)
     shutil.copyfile(source_dir / MODEL_FILE, directory / MODEL_FILE)
     return _finish(directory, metadata)
@@ -72,21 +177,20 @@ def write_package(source_dir: str | Path, metadata: dict, directory: str | Path)
 
 def verify_model_dir(directory: str | Path) -> None:
     directory = Path(directory)
-    sums_path = directory / CHECKSUM_FILE
     for name in (MODEL_FILE, METADATA_FILE, CHECKSUM_FILE):
         if not (directory / name).is_file():
             raise PackageError(f"{directory} is not a model directory: {name} is missing")
-    for line in sums_path.read_text().splitlines():
+    for line in (directory / CHECKSUM_FILE).read_text().splitlines():
         expected, _, name = line.partition("  ")
-        if _sha256(directory / name) != expected:
+        if file_sha256(directory / name) != expected:
             raise PackageError(
                 f"checksum mismatch for {directory / name}: the file changed after the package was written; "
                 "refusing to load it"
             )
 
 
-def read_metadata(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / METADATA_FILE).read_text())
+def read_metadata(directory: str | Path) -> PackageMetadata:
+    return PackageMetadata.read(directory)
 
 
 def load_model_dir(directory: str | Path, compile: bool = False):
@@ -97,5 +201,6 @@ def load_model_dir(directory: str | Path, compile: bool = False):
     import keras
 
     verify_model_dir(directory)
+    metadata = read_metadata(directory)
     model = keras.models.load_model(Path(directory) / MODEL_FILE, compile=compile, safe_mode=True)
-    return model, read_metadata(directory)
+    return model, metadata

@@ -6,15 +6,22 @@ for encoded bytes), so a served prediction sees exactly the pixels an evaluated 
 
 from __future__ import annotations
 
+import dataclasses
+
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
-PREPROCESSING = {
-    "decode": "tf.io.decode_image to 3 channels, 8- or 16-bit, scaled to float32 [0, 1]",
-    "color": "RGB -> grayscale (ITU-R 601 luma); alpha dropped",
-    "resize": "bilinear with antialias to image_size x image_size (aspect ratio not kept)",
-    "value_range": [0.0, 1.0],
-    "channels": 1,
-    "dtype": "float32",
-}
+
+
+@dataclasses.dataclass(frozen=True)
+class InputContract:
+    """What the model takes, as recorded in a package's metadata: clients and serving read it from there."""
+
+    image_size: int
+    decode: str = "tf.io.decode_image to 3 channels, 8- or 16-bit, scaled to float32 [0, 1]"
+    color: str = "RGB -> grayscale (ITU-R 601 luma); alpha dropped"
+    resize: str = "bilinear with antialias to image_size x image_size (aspect ratio not kept)"
+    value_range: list[float] = dataclasses.field(default_factory=lambda: [0.0, 1.0])
+    channels: int = 1
+    dtype: str = "float32"
 
 
 def decode_image(data):

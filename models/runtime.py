@@ -13,6 +13,10 @@ from functools import lru_cache
 log = logging.getLogger(__name__)
 
 
+def quiet_tensorflow() -> None:
+    """Keep TensorFlow's C++ start-up chatter off the console; must run before TensorFlow is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 
 def available_cpus() -> int:
     """CPUs this process may use: Ray's OMP_NUM_THREADS for a task, else the affinity mask."""

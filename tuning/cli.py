@@ -29,11 +29,12 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _data_download(args: argparse.Namespace) -> int:
+    from models.config import ConfigError
     from models.download import download_medmnist, unpack_zip
 
     if args.zip:
         if not args.dest:
-            raise ValueError("--zip needs --dest DIR (where the train/ and test/ folders go)")
+            raise ConfigError("--zip needs --dest DIR (where the train/ and test/ folders go)")
         print(unpack_zip(args.zip, args.dest))
     else:
         print(download_medmnist(args.cache_dir, args.size, args.url, args.md5))
@@ -66,9 +67,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from tuning.run import load_tune_config, tune_experiment
+    from tuning.search import load_tune_config, run_search
 
-    tune_experiment(load_tune_config(args), args.address, args.resume)
+    run_search(load_tune_config(args), args.address, args.resume)
     return 0
 
 
@@ -86,9 +87,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tuning.main_job import run_main_job
+    from tuning.end_to_end import run_end_to_end
 
-    run_main_job(args.config, args.address, args.data, args.set, args.port, ingress=args.ingress)
+    run_end_to_end(args.config, args.address, args.data, args.set, args.port, ingress=args.ingress)
     return 0
 
 
@@ -100,10 +101,7 @@ def _add_ingress_option(parser: argparse.ArgumentParser) -> None:
                              "proxy), or auto: haproxy when Ray has its binary, as ray[serve] bundles one (default)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pneumonia", description="Pneumonia detection on chest X-rays with Ray.")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_data_commands(commands) -> None:
     data = commands.add_parser("data", help="check or download the chest X-ray data")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     check = data_commands.add_parser("check", help="counts per split and class, patients, overlap, unreadable files")
@@ -121,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--dest", help="where to unpack --zip")
     download.set_defaults(handler=_data_download)
 
+
+def _add_model_commands(commands) -> None:
+    """train, tune and evaluate: the stages that make a model package."""
     train = commands.add_parser("train", help="train one configuration without Ray and write a model directory")
     train.add_argument("--config", help="YAML config (see tuning/configs/)")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. epochs=3")
@@ -128,9 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", help="model directory (default: output_dir/name)")
     train.set_defaults(handler=_train)
 
-    from tuning.run import build_parser as add_tune_arguments
+    from tuning.search import build_parser as add_tune_arguments
 
-    tune = commands.add_parser("tune", help="Ray Tune + Optuna search over both families (python -m tuning.run)")
+    tune = commands.add_parser("tune", help="Ray Tune + Optuna search over the model families (python -m tuning.search)")
     add_tune_arguments(tune).set_defaults(handler=_tune)
 
     evaluate = commands.add_parser(
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "or the training config's name)")
     evaluate.set_defaults(handler=_evaluate)
 
+
+def _add_serving_commands(commands) -> None:
+    """serve and predict, and run: the whole job ending in a served endpoint."""
     serve = commands.add_parser("serve", help="deploy a model package with Ray Serve and keep serving")
     serve.add_argument("--model", required=True, help="model package (artifacts/VERSION) or model directory")
     serve.add_argument("--replicas", type=int, default=0, help="fixed replica count (default: autoscaling 1-2)")
@@ -173,23 +177,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
     _add_ingress_option(run)
     run.set_defaults(handler=_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pneumonia", description="Pneumonia detection on chest X-rays with Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(commands)
+    _add_model_commands(commands)
+    _add_serving_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from models.config import ConfigError
-    from models.dataset import DataLayoutError
-    from models.download import DownloadError
-    from models.networks import WeightsUnavailableError
-    from models.package import PackageError
-    from tuning.evaluate import EvaluationError
-    from tuning.run import StorageError
+    """Run one subcommand. A :class:`PneumoniaError` (a user mistake: data, config, package, search) is one
+    line on stderr and exit code 2; anything else is a bug and keeps its traceback."""
+    from models.errors import PneumoniaError
+    from models.runtime import quiet_tensorflow
 
+    args = build_parser().parse_args(argv)
+    quiet_tensorflow()
     try:
         return args.handler(args)
-    except (ConfigError, DataLayoutError, DownloadError, WeightsUnavailableError, PackageError, EvaluationError,
-            StorageError, FileExistsError, ValueError) as exc:
+    except PneumoniaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

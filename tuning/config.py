@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from models.config import DataConfig, ModelConfig
+from models.config import ConfigError, DataConfig, ModelConfig
+from models.networks import FAMILIES
 
 
 @dataclasses.dataclass
@@ -27,11 +28,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be >= 1")
+            raise ConfigError("epochs and batch_size must be >= 1")
         if self.learning_rate <= 0 or self.weight_decay < 0:
-            raise ValueError("learning_rate must be > 0 and weight_decay >= 0")
+            raise ConfigError("learning_rate must be > 0 and weight_decay >= 0")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+            raise ConfigError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
 
 
 @dataclasses.dataclass
@@ -53,20 +54,20 @@ class SearchSpace:
     augment: list[float] = dataclasses.field(default_factory=lambda: [0.0, 1.5])
 
     def __post_init__(self) -> None:
-        unknown = set(self.families) - {"cnn", "inception"}
+        unknown = set(self.families) - set(FAMILIES)
         if not self.families or unknown:
-            raise ValueError(f"families must be a non-empty subset of cnn, inception; got {self.families}")
+            raise ConfigError(f"families must be a non-empty subset of {', '.join(FAMILIES)}; got {self.families}")
         if len(self.learning_rate) != 2 or len(self.cnn_depth) != 2 or len(self.augment) != 2:
-            raise ValueError("learning_rate, cnn_depth and augment are [low, high] ranges")
+            raise ConfigError("learning_rate, cnn_depth and augment are [low, high] ranges")
         if not 0.0 <= self.augment[0] <= self.augment[1]:
-            raise ValueError(f"augment must be [low, high] with 0 <= low <= high, got {self.augment}")
+            raise ConfigError(f"augment must be [low, high] with 0 <= low <= high, got {self.augment}")
         if min(self.inception_image_sizes) < 75:
-            raise ValueError("inception_image_sizes must all be >= 75")
+            raise ConfigError("inception_image_sizes must all be >= 75")
 
 
 @dataclasses.dataclass
 class TuneConfig:
-    """A tuning experiment: ``python -m tuning.run --config tuning/configs/quick.yaml``."""
+    """A tuning experiment: ``python -m tuning.search --config tuning/configs/quick.yaml``."""
 
     name: str = "pneumonia"
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # every trial starts from this
@@ -92,12 +93,12 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_concurrent < 1:
-            raise ValueError("num_samples and max_concurrent must be >= 1")
+            raise ConfigError("num_samples and max_concurrent must be >= 1")
         if self.grace_period < 1 or self.grace_period > self.train.epochs:
-            raise ValueError(f"grace_period must lie in 1..train.epochs ({self.train.epochs})")
+            raise ConfigError(f"grace_period must lie in 1..train.epochs ({self.train.epochs})")
         if self.ensemble < 1:
-            raise ValueError(f"ensemble must be >= 1, got {self.ensemble}")
+            raise ConfigError(f"ensemble must be >= 1, got {self.ensemble}")
         if self.reduction_factor < 2:
-            raise ValueError("reduction_factor must be >= 2")
+            raise ConfigError("reduction_factor must be >= 2")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
-            raise ValueError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+            raise ConfigError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")

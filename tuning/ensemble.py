@@ -10,28 +10,20 @@ and serving take as they are.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
-
-@dataclasses.dataclass(frozen=True)
-class Member:
-    trial_id: str
-    family: str
-    image_size: int
-    val_auc: float
-    checkpoint: str
+from models.package import EnsembleMember
+from tuning.experiment import METRIC, MODE, SearchError, is_remote
 
 
-def top_members(experiment: str, size: int) -> list[Member]:
+def top_members(experiment: str, size: int) -> list[EnsembleMember]:
     """The ``size`` best trials of ``experiment`` (local dir or storage URI) by their best validation AUC,
     each with its best checkpoint, among those taking the best trial's input size."""
     from ray.tune import ExperimentAnalysis
 
     from models.download import default_cache_dir
     from models.package import read_metadata
-    from tuning.run import METRIC, MODE, is_remote  # what the search ranked its trials by
 
     analysis = ExperimentAnalysis(experiment, default_metric=METRIC, default_mode=MODE)
     ranked = []
@@ -43,16 +35,16 @@ def top_members(experiment: str, size: int) -> list[Member]:
         path = checkpoint.path
         if is_remote(experiment):
             path = checkpoint.to_directory(str(default_cache_dir() / "checkpoints" / trial.trial_id / Path(path).name))
-        model_config = read_metadata(path)["config"]["model"]
-        ranked.append(Member(trial.trial_id, model_config["family"], int(model_config["image_size"]),
-                             float(best_auc), str(path)))
+        model_config = read_metadata(path).config["model"]
+        ranked.append(EnsembleMember(trial.trial_id, model_config["family"], int(model_config["image_size"]),
+                                     float(best_auc), str(path)))
     ranked.sort(key=lambda member: member.val_auc, reverse=True)
     if not ranked:
-        raise ValueError(f"no trial of {experiment} reported a checkpoint with {METRIC}")
+        raise SearchError(f"no trial of {experiment} reported a checkpoint with {METRIC}")
     return [m for m in ranked if m.image_size == ranked[0].image_size][:size]
 
 
-def build_ensemble(members: list[Member], directory: str | Path) -> Path:
+def build_ensemble(members: list[EnsembleMember], directory: str | Path) -> Path:
     """Write a model directory whose model averages the members' outputs; its metadata is the best
     member's (class names, input, config) plus the member list."""
     import keras
@@ -69,14 +61,13 @@ def build_ensemble(members: list[Member], directory: str | Path) -> Path:
     image = keras.Input((size, size, 1), name="image")
     mean = keras.layers.Average(name="pneumonia_probability", dtype="float32")([m(image) for m in models])
     ensemble = keras.Model(image, mean, name="ensemble")
-    metadata = {**metadata, "ensemble": [dataclasses.asdict(m) for m in members]}
-    for key in ("best_epoch", "validation", "history", "runtime"):  # the best member's own, not the ensemble's
-        metadata.pop(key, None)
+    # the best member's class names, input and config; its own epoch, metrics and runtime are not the ensemble's
+    metadata = metadata.replace(ensemble=list(members), best_epoch=None, validation={}, history=[], runtime={})
     return save_model_dir(ensemble, metadata, directory)
 
 
 def ensemble_from_experiment(experiment: str, best_json: Path, size: int,
-                             log: Callable[[str], None] = print) -> tuple[Path, list[Member]]:
+                             log: Callable[[str], None] = print) -> tuple[Path, list[EnsembleMember]]:
     """Build the top-``size`` ensemble of a finished search beside its ``best.json`` (a few seconds; rebuilt
     each time, so it always matches the trials and the code)."""
     members = top_members(experiment, size)

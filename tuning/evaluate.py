@@ -5,7 +5,6 @@ Usage: ``pneumonia evaluate --model runs/cnn-128`` or ``pneumonia evaluate --exp
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from collections.abc import Callable
@@ -15,21 +14,18 @@ from pathlib import Path
 import numpy as np
 
 from models.config import from_dict
-from models.dataset import CLASS_NAMES, DataSplits, Split, load_splits
+from models.dataset import DataSplits, Split, load_splits
+from models.errors import PneumoniaError
+from models.package import PackageMetadata, package_versions
 from tuning.config import TrainConfig
-from tuning.metrics import (
-    binary_report,
-    bootstrap_intervals,
-    sensitivity_threshold,
-    subgroup_rates,
-    youden_threshold,
-)
+from tuning.experiment import is_remote
+from tuning.metrics import sensitivity_threshold, youden_threshold
+from tuning.report import build_report, display_path, write_report
 
 PREDICT_BATCH_SIZE = 64
-BOOTSTRAP_RESAMPLES = 1000
 
 
-class EvaluationError(ValueError):
+class EvaluationError(PneumoniaError, ValueError):
     """The model or experiment cannot be evaluated as asked."""
 
 
@@ -38,6 +34,16 @@ class Evaluation:
     report: dict
     report_dir: Path
     package_dir: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """P(PNEUMONIA) on validation and test, and the threshold chosen from validation alone."""
+
+    val: np.ndarray
+    test: np.ndarray
+    threshold: float
+    method: str
 
 
 def predict_split(model, split: Split, image_size: int) -> np.ndarray:
@@ -59,26 +65,26 @@ def resolve_source(model_dir: str | None, experiment: str | None, ensemble: int 
     if model_dir:
         if ensemble > 1:
             raise EvaluationError("an ensemble is built from a search's trials: use --experiment DIR with --ensemble")
-        return Path(model_dir), {"kind": "model directory", "path": str(model_dir)}
+        return Path(model_dir), {"kind": "model directory", "path": display_path(model_dir)}
     best_path = Path(experiment) / "best.json"
     if not best_path.is_file():
         raise EvaluationError(f"{best_path} not found: is {experiment} a finished tuning experiment?")
     best = json.loads(best_path.read_text())
     produced_by = {
         "kind": "tuning experiment",
-        "experiment": str(experiment),
+        "experiment": display_path(experiment),
         "trial_id": best.get("trial_id"),
         "validation": best.get("metrics"),
     }
     if ensemble == 1:
         return Path(best["checkpoint_path"]), produced_by
     from tuning.ensemble import ensemble_from_experiment
-    from tuning.run import is_remote
 
     # A remote experiment's best.json sits in a local cache dir; its trials are read from storage.
     source = best["experiment"] if is_remote(best.get("experiment", "")) else str(experiment)
     directory, members = ensemble_from_experiment(source, best_path, ensemble, log)
-    return directory, {**produced_by, "ensemble": [dataclasses.asdict(m) for m in members]}
+    shown = [{**dataclasses.asdict(m), "checkpoint": display_path(m.checkpoint)} for m in members]
+    return directory, {**produced_by, "ensemble": shown}
 
 
 def default_name(config: TrainConfig, produced_by: dict) -> str:
@@ -94,11 +100,14 @@ def default_name(config: TrainConfig, produced_by: dict) -> str:
 def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, target_sensitivity: float | None) -> tuple[float, str]:
     if target_sensitivity is None:
         return youden_threshold(labels, probabilities), "Youden's J on the validation split"
+    if not 0.0 < target_sensitivity <= 1.0:
+        raise EvaluationError(f"--target-sensitivity must lie in (0, 1], got {target_sensitivity}")
     threshold = sensitivity_threshold(labels, probabilities, target_sensitivity)
     return threshold, f"highest threshold keeping validation sensitivity >= {target_sensitivity}"
 
 
-def _load_data(config: TrainConfig, data: str | None, trained_fingerprint: str | None) -> DataSplits:
+def load_evaluation_data(config: TrainConfig, data: str | None, trained_fingerprint: str | None) -> DataSplits:
+    """The splits the model was trained on; other data is refused (its validation could hold training images)."""
     splits = load_splits(data or config.data.path or None, config.data.val_fraction, config.data.seed)
     if trained_fingerprint and splits.fingerprint != trained_fingerprint:
         raise EvaluationError(
@@ -109,24 +118,38 @@ def _load_data(config: TrainConfig, data: str | None, trained_fingerprint: str |
     return splits
 
 
-def subgroup_report(splits: DataSplits, probabilities: dict[str, np.ndarray], threshold: float) -> dict:
-    """Correct calls per file-name subgroup on validation and test; empty when the names tell none."""
-    report = {}
-    for split in (splits.val, splits.test):
-        groups = split.subgroups()
-        if groups is not None:
-            report[split.name] = subgroup_rates(split.labels, probabilities[split.name], groups, threshold)
-    return report
+def score(model, splits: DataSplits, image_size: int, target_sensitivity: float | None,
+          log: Callable[[str], None]) -> Scores:
+    """The threshold from validation, then the one read of the test split."""
+    val = predict_split(model, splits.val, image_size)
+    threshold, method = choose_threshold(splits.val.labels, val, target_sensitivity)
+    log(f"threshold {threshold:.4f} ({method}; {len(splits.val)} validation images)")
+    test = predict_split(model, splits.test, image_size)
+    return Scores(val, test, threshold, method)
 
 
-def write_predictions(path: Path, split: Split, probabilities: np.ndarray, threshold: float) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "label", "prob_pneumonia", "pred"])
-        for i, (label, probability) in enumerate(zip(split.labels, probabilities)):
-            item = split.paths[i] if split.paths is not None else f"{split.name}[{i}]"
-            writer.writerow([item, CLASS_NAMES[label], repr(float(probability)),
-                             CLASS_NAMES[int(probability >= threshold)]])
+def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, artifacts_dir: Path) -> Path:
+    """``artifacts/VERSION``: the evaluated model byte for byte, with the threshold and test metrics."""
+    from models.package import write_package
+
+    created = datetime.now(timezone.utc)
+    version = f"{report['name']}-{created:%Y%m%d%H%M%S}"
+    test = report["test"]
+    package = metadata.replace(
+        version=version,
+        created_at=created.isoformat(timespec="seconds"),
+        threshold=report["threshold"],
+        threshold_method=report["threshold_method"],
+        test_metrics={k: v for k, v in test.items() if k != "confusion_matrix"},
+        test_confusion_matrix=test["confusion_matrix"],
+        confidence_intervals=report["confidence_intervals"],
+        source={**report["model"]["produced_by"], "model_sha256": report["model"]["sha256"]},
+        data=report["data"],
+        history=[],
+        runtime={},
+        versions=package_versions(),
+    )
+    return write_package(source_dir, package, artifacts_dir / version)
 
 
 def evaluate(
@@ -140,73 +163,28 @@ def evaluate(
     log: Callable[[str], None] = print,
     ensemble: int = 1,
 ) -> Evaluation:
-    from models.package import file_sha256, load_model_dir, package_versions, write_package
+    """``pneumonia evaluate``: score, report, export; the test split is read once, by :func:`score`."""
+    from models.package import file_sha256, load_model_dir
     from models.runtime import configure_tensorflow
-    from tuning.model_card import render
-    from tuning.plots import write_plots
 
     configure_tensorflow(0, "float32")
     source_dir, produced_by = resolve_source(model_dir, experiment, ensemble, log)
     model, metadata = load_model_dir(source_dir)
-    config = from_dict(TrainConfig, metadata["config"])
+    config = from_dict(TrainConfig, metadata.config)
     name = name or default_name(config, produced_by)
-    size = config.model.image_size
-    splits = _load_data(config, data, metadata.get("data", {}).get("fingerprint"))
-
-    val_probabilities = predict_split(model, splits.val, size)
-    threshold, method = choose_threshold(splits.val.labels, val_probabilities, target_sensitivity)
-    log(f"threshold {threshold:.4f} ({method}; {len(splits.val)} validation images)")
-    test_probabilities = predict_split(model, splits.test, size)  # the one read of the test split
-
-    labels = splits.test.labels
-    report = {
-        "name": name,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "threshold": threshold,
-        "threshold_method": method,
-        "test": binary_report(labels, test_probabilities, threshold),
-        "test_at_0_5": binary_report(labels, test_probabilities, 0.5),
-        "validation_at_threshold": binary_report(splits.val.labels, val_probabilities, threshold),
-        "subgroups": subgroup_report(splits, {"val": val_probabilities, "test": test_probabilities}, threshold),
-        "confidence_intervals": bootstrap_intervals(labels, test_probabilities, threshold, BOOTSTRAP_RESAMPLES),
-        "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
-        "counts": {s.name: s.counts() for s in (splits.train, splits.val, splits.test)},
-        "data": {"source": splits.source, "layout": splits.layout, "fingerprint": splits.fingerprint,
-                 "test_fingerprint": splits.test_fingerprint},
-        "model": {
-            "source": str(source_dir),
-            "sha256": file_sha256(source_dir / "model.keras"),
-            "produced_by": produced_by,
-            "config": metadata["config"],
-            "best_epoch": metadata.get("best_epoch"),
-            "validation": metadata.get("validation", {}),
-        },
-    }
-    out = Path(reports_dir) / name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_predictions(out / "predictions.csv", splits.test, test_probabilities, threshold)
-    write_plots(labels, test_probabilities, report["test"], name, out)
-    (out / "report.md").write_text(render(report))
-
-    created = datetime.now(timezone.utc)
-    version = f"{name}-{created:%Y%m%d%H%M%S}"
-    package_metadata = {
-        **{k: metadata[k] for k in ("class_names", "positive_class", "input", "config", "ensemble") if k in metadata},
-        "version": version,
-        "created_at": created.isoformat(timespec="seconds"),
-        "threshold": threshold,
-        "threshold_method": method,
-        "test_metrics": {k: v for k, v in report["test"].items() if k != "confusion_matrix"},
-        "test_confusion_matrix": report["test"]["confusion_matrix"],
-        "confidence_intervals": report["confidence_intervals"],
-        "source": {**produced_by, "model_sha256": report["model"]["sha256"]},
-        "data": report["data"],
-        "versions": package_versions(),
-    }
-    package_dir = write_package(source_dir, package_metadata, Path(artifacts_dir) / version)
+    splits = load_evaluation_data(config, data, metadata.data.get("fingerprint"))
+    scores = score(model, splits, metadata.image_size, target_sensitivity, log)
+    data_path = metadata.config["data"]["path"]
+    config_shown = {**metadata.config, "data": {**metadata.config["data"], "path": data_path and display_path(data_path)}}
+    described = {"source": display_path(source_dir), "sha256": file_sha256(source_dir / "model.keras"),
+                 "produced_by": produced_by, "config": config_shown, "best_epoch": metadata.best_epoch,
+                 "validation": metadata.validation}
+    report = build_report(name, splits, {"val": scores.val, "test": scores.test}, scores.threshold, scores.method,
+                          described)
+    out = write_report(report, splits.test, scores.test, Path(reports_dir) / name)
+    package_dir = export_package(source_dir, metadata, report, Path(artifacts_dir))
     test = report["test"]
-    log(f"test ({len(labels)} images): accuracy {test['accuracy']:.4f}, AUC {test['auc']:.4f}, "
+    log(f"test ({len(splits.test)} images): accuracy {test['accuracy']:.4f}, AUC {test['auc']:.4f}, "
         f"sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}")
     log(f"report: {out / 'report.md'}")
     log(f"package: {package_dir}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from tuning.experiment import METRIC
+
 REFERENCES = [
     # name, accuracy, sensitivity, specificity, AUC (None = not reported)
     ("Kermany et al. 2018 (InceptionV3, ImageNet weights; same 624 test images)", 0.928, 0.932, 0.901, 0.968),
@@ -68,23 +70,17 @@ def _produced_by(produced_by: dict) -> str:
         return f"- Produced by: model directory `{produced_by.get('path')}`."
     validation = produced_by.get("validation") or {}
     auc = ""
-    if "val_auc" in validation:
-        auc = f", validation AUC {validation['val_auc']:.4f} at epoch {validation.get('epoch')}"
+    if METRIC in validation:
+        auc = f", validation AUC {validation[METRIC]:.4f} at epoch {validation.get('epoch')}"
     return (f"- Produced by: trial `{produced_by.get('trial_id')}` of the tuning experiment "
             f"`{produced_by['experiment']}`{auc}.")
 
 
-def render(report: dict) -> str:
+def result_lines(report: dict) -> list[str]:
+    """The test result at the chosen threshold beside the references, at 0.5, the confusion matrix, plots."""
     test, at_half = report["test"], report["test_at_0_5"]
     (tn, fp), (fn, tp) = test["confusion_matrix"]
-    counts = report["counts"]
-    config = report["model"]["config"]
-    validation = report["validation_at_threshold"]
     lines = [
-        f"# Model card: {report['name']}",
-        "",
-        "Pneumonia vs normal on pediatric chest radiographs. **Research use only: not a diagnostic device.**",
-        "",
         "## Result on the held-out test split",
         "",
         f"Threshold {test['threshold']:.4f}, chosen on the validation split only ({report['threshold_method']}); "
@@ -98,19 +94,13 @@ def render(report: dict) -> str:
     ]
     for name, acc, sens, spec, auc in REFERENCES:
         lines.append(f"| {name} | {_pct(acc)} | {_pct(sens)} | {_pct(spec)} | {'-' if auc is None else f'{auc:.3f}'} |")
-    lines += [
-        "",
-        "| metric | at the chosen threshold | at 0.5 |",
-        "|---|---|---|",
-    ]
+    lines += ["", "| metric | at the chosen threshold | at 0.5 |", "|---|---|---|"]
     for key, label in (("balanced_accuracy", "balanced accuracy"), ("precision", "precision (PPV)"),
                        ("npv", "NPV"), ("f1", "F1"), ("pr_auc", "PR AUC (average precision)"),
-                       ("brier", "Brier score")):
+                       ("brier", "Brier score"), ("accuracy", "accuracy"), ("sensitivity", "sensitivity"),
+                       ("specificity", "specificity")):
         lines.append(f"| {label} | {test[key]:.3f} | {at_half[key]:.3f} |")
-    lines += [
-        f"| accuracy | {test['accuracy']:.3f} | {at_half['accuracy']:.3f} |",
-        f"| sensitivity | {test['sensitivity']:.3f} | {at_half['sensitivity']:.3f} |",
-        f"| specificity | {test['specificity']:.3f} | {at_half['specificity']:.3f} |",
+    return lines + [
         "",
         f"Confusion matrix at the chosen threshold (NORMAL negative, PNEUMONIA positive): "
         f"TN {tn}, FP {fp}, FN {fn}, TP {tp}.",
@@ -118,7 +108,12 @@ def render(report: dict) -> str:
         "![ROC](roc.png) ![confusion matrix](confusion_matrix.png)",
         "![precision-recall](pr.png) ![calibration](calibration.png)",
         "",
-        *subgroup_lines(report.get("subgroups", {})),
+    ]
+
+
+def data_lines(report: dict) -> list[str]:
+    counts = report["counts"]
+    return [
         "## Data and splits",
         "",
         f"- Source: `{report['data']['source']}` ({report['data']['layout']} layout), fingerprint "
@@ -129,15 +124,25 @@ def render(report: dict) -> str:
         f"- Test: {counts['test']['NORMAL']} NORMAL, {counts['test']['PNEUMONIA']} PNEUMONIA, read only by this "
         "evaluation.",
         "",
+    ]
+
+
+def model_lines(report: dict) -> list[str]:
+    """What was evaluated: family and input, ensemble members, where it came from, its training config."""
+    model, config = report["model"], report["model"]["config"]
+    validation = report["validation_at_threshold"]
+    lines = [
         "## Model and training",
         "",
         f"- Family `{config['model']['family']}`, input {config['model']['image_size']} x "
-        f"{config['model']['image_size']} grayscale in [0, 1]; model file sha256 `{report['model']['sha256'][:16]}...`.",
-        *ensemble_lines(report['model']['produced_by'].get("ensemble", [])),
-        _produced_by(report["model"]["produced_by"]),
-        *([f"- Best epoch {report['model']['best_epoch']}; validation metrics at that epoch: "
-           + ", ".join(f"{k} {v:.4f}" for k, v in report['model'].get('validation', {}).items())]
-          if report['model'].get('best_epoch') is not None else []),
+        f"{config['model']['image_size']} grayscale in [0, 1]; model file sha256 `{model['sha256'][:16]}...`.",
+        *ensemble_lines(model["produced_by"].get("ensemble", [])),
+        _produced_by(model["produced_by"]),
+    ]
+    if model.get("best_epoch") is not None:
+        lines.append(f"- Best epoch {model['best_epoch']}; validation metrics at that epoch: "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in model.get("validation", {}).items()))
+    return lines + [
         f"- Validation at the chosen threshold: AUC {validation['auc']:.4f}, sensitivity "
         f"{validation['sensitivity']:.4f}, specificity {validation['specificity']:.4f}.",
         "",
@@ -148,15 +153,33 @@ def render(report: dict) -> str:
         "```",
         "</details>",
         "",
-        "## Intended use and limitations",
+    ]
+
+
+LIMITATIONS = [
+    "## Intended use and limitations",
+    "",
+    "- Intended use: research and teaching on pneumonia detection from frontal pediatric chest X-rays; "
+    "triage experiments with a human reader in the loop.",
+    "- Not a diagnostic device; not validated prospectively or on any other population.",
+    "- Data: pediatric patients aged one to five from a single centre (Guangzhou Women and Children's "
+    "Medical Center, Kermany et al. 2018). Adults, other scanners, other hospitals and other views may "
+    "behave differently; the test split itself is shifted from train (validation AUC overstates it).",
+    "- Labels are NORMAL vs PNEUMONIA (bacterial and viral merged); other findings are not modelled.",
+    "- The probability is calibrated only as far as the calibration plot shows.",
+]
+
+
+def render(report: dict) -> str:
+    lines = [
+        f"# Model card: {report['name']}",
         "",
-        "- Intended use: research and teaching on pneumonia detection from frontal pediatric chest X-rays; "
-        "triage experiments with a human reader in the loop.",
-        "- Not a diagnostic device; not validated prospectively or on any other population.",
-        "- Data: pediatric patients aged one to five from a single centre (Guangzhou Women and Children's "
-        "Medical Center, Kermany et al. 2018). Adults, other scanners, other hospitals and other views may "
-        "behave differently; the test split itself is shifted from train (validation AUC overstates it).",
-        "- Labels are NORMAL vs PNEUMONIA (bacterial and viral merged); other findings are not modelled.",
-        "- The probability is calibrated only as far as the calibration plot shows.",
+        "Pneumonia vs normal on pediatric chest radiographs. **Research use only: not a diagnostic device.**",
+        "",
+        *result_lines(report),
+        *subgroup_lines(report.get("subgroups", {})),
+        *data_lines(report),
+        *model_lines(report),
+        *LIMITATIONS,
     ]
     return "\n".join(lines) + "\n"

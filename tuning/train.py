@@ -1,6 +1,6 @@
 """Training one configuration: the loop ``pneumonia train`` runs and the Tune trainable reuses.
 
-Usage: ``pneumonia train --config tuning/configs/cnn-128.yaml --set epochs=3 --data DIR``
+Usage: ``pneumonia train --config tuning/configs/train-cnn.yaml --set epochs=3 --data DIR``
 """
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from models.config import to_dict
-from models.dataset import CLASS_NAMES, DataSplits, load_splits
-from models.preprocessing import PREPROCESSING
+from models.dataset import DataSplits, load_splits
+from models.package import PackageMetadata
 from tuning.config import TrainConfig
+from tuning.experiment import METRIC, MODE
 from tuning.metrics import clinical_metrics
 
 VAL_BATCH_SIZE = 64
@@ -100,7 +100,7 @@ def _callbacks_module():
             self.log(
                 f"epoch {epoch + 1}/{self.epochs}  loss {logs['loss']:.4f}  acc {logs['accuracy']:.4f}  "
                 f"val_loss {logs['val_loss']:.4f}  val_acc {logs['val_accuracy']:.4f}  "
-                f"val_auc {logs['val_auc']:.4f}  val_sens {logs['val_sensitivity']:.3f}  "
+                f"{METRIC} {logs[METRIC]:.4f}  val_sens {logs['val_sensitivity']:.3f}  "
                 f"val_spec {logs['val_specificity']:.3f}  {logs['images_per_sec']:.0f} img/s  "
                 f"{logs['train_seconds']:.0f}s"
             )
@@ -137,7 +137,7 @@ def fit(
         model = build_model(m)
         compile_model(model, config, steps)
     Throughput, ValidationMetrics, ProgressLine = _callbacks_module()
-    best = keras.callbacks.EarlyStopping(monitor="val_auc", mode="max", patience=config.epochs,
+    best = keras.callbacks.EarlyStopping(monitor=METRIC, mode=MODE, patience=config.epochs,
                                          restore_best_weights=True)
     history = keras.callbacks.History()
     weights = class_weights(splits.train.labels) if d.class_balance == "class_weight" else None
@@ -159,30 +159,23 @@ def fit(
     return FitResult(model=model, history=epochs, best_epoch=best_epoch, runtime=runtime)
 
 
-def model_metadata(config: TrainConfig, splits: DataSplits, result: FitResult) -> dict:
-    from models.package import package_versions
-
+def model_metadata(config: TrainConfig, splits: DataSplits, result: FitResult) -> PackageMetadata:
+    """A checkpoint's metadata: the config, the data it saw, and the validation metrics of its best epoch."""
     best = next((e for e in result.history if e["epoch"] == result.best_epoch), result.history[-1])
-    return {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "class_names": list(CLASS_NAMES),
-        "positive_class": CLASS_NAMES[1],
-        "input": {"image_size": config.model.image_size, **PREPROCESSING},
-        "threshold": 0.5,
-        "threshold_method": "default 0.5 (not yet chosen on validation)",
-        "config": to_dict(config),
-        "data": {
+    return PackageMetadata.for_training(
+        to_dict(config),
+        config.model.image_size,
+        data={
             "source": splits.source,
             "layout": splits.layout,
             "fingerprint": splits.fingerprint,
             "counts": {s.name: s.counts() for s in (splits.train, splits.val)},
         },
-        "runtime": result.runtime,
-        "best_epoch": result.best_epoch,
-        "validation": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
-        "history": result.history,
-        "versions": package_versions(),
-    }
+        runtime=result.runtime,
+        best_epoch=result.best_epoch,
+        validation={k[4:]: v for k, v in best.items() if k.startswith("val_")},
+        history=result.history,
+    )
 
 
 def train(config: TrainConfig, output: str | Path | None = None, log: Callable[[str], None] = print) -> Path:

@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tuning.experiment import BEST_SO_FAR, METRIC
+
 STATE_FILE = "trainer_state.json"
-REPORTED = ("loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "val_sensitivity", "val_specificity",
+REPORTED = ("loss", "accuracy", "val_loss", "val_accuracy", METRIC, "val_sensitivity", "val_specificity",
             "images_per_sec", "train_seconds")
 
 
@@ -36,40 +38,34 @@ def _trial_cpus() -> int:
     return max(1, int(cpus))
 
 
-def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -> None:
-    """Tune entry point: ``tune.with_parameters(train_trial, base=..., checkpoint_every=...)``."""
+@dataclasses.dataclass
+class TrialState:
+    """What a checkpoint carries besides the model: where the trial was, so a restart counts on."""
+
+    epoch: int = 0
+    best_auc: float = float("-inf")
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+
+def restore_checkpoint(checkpoint):
+    """(model with its optimizer state, TrialState) from a checkpoint this trainable reported."""
+    from models.package import load_model_dir
+
+    with checkpoint.as_directory() as directory:
+        state = TrialState(**json.loads((Path(directory) / STATE_FILE).read_text()))
+        model, _ = load_model_dir(directory, compile=True)
+    return model, state
+
+
+def report_to_tune(config, splits, runtime: dict, state: TrialState, placement: dict, checkpoint_every: int,
+                   entered: float):
+    """A Keras callback reporting each epoch to Tune, with a checkpoint when validation AUC improves, every
+    ``checkpoint_every`` epochs and at the last epoch."""
     import keras
     from ray import tune
 
-    from models.package import load_model_dir, save_model_dir
-    from models.runtime import configure_tensorflow
-    from tuning.train import FitResult, fit, load_data, model_metadata
-
-    entered = time.perf_counter()
-    config = trial_config(base, params)
-    config = dataclasses.replace(config, name=f"{config.name}-{tune.get_context().get_trial_id()}")
-    # Threads and GPU memory growth before any TF op; fractional GPUs then share a card.
-    runtime = configure_tensorflow(_trial_cpus(), config.mixed_precision)
-    splits = load_data(config)
-
-    model, initial_epoch, best_auc, history = None, 0, float("-inf"), []
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = json.loads((Path(directory) / STATE_FILE).read_text())
-            model, _ = load_model_dir(directory, compile=True)
-        initial_epoch, best_auc, history = state["epoch"], state["best_auc"], state["history"]
-        print(f"resuming trial from its checkpoint at epoch {initial_epoch}")
-        if initial_epoch >= config.epochs:  # stopped right after its last epoch: nothing left to train
-            return
-
-    import ray
-
-    placement = {
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
-        "start_epoch": initial_epoch,  # > 0 after a restart from a checkpoint
-    }
+    from models.package import save_model_dir
+    from tuning.train import FitResult, model_metadata
 
     class ReportToTune(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -77,26 +73,54 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
             placement["setup_seconds"] = self.loop_start - entered  # TF start, data listing, model build
 
         def on_epoch_end(self, epoch, logs=None):
-            nonlocal best_auc
             metrics = {k: float(logs[k]) for k in REPORTED if k in logs}
             metrics.update(placement, epoch=epoch + 1, loop_seconds=time.perf_counter() - self.loop_start)
-            history.append(metrics)
-            improved = metrics["val_auc"] > best_auc
-            metrics["best_val_auc"] = max(best_auc, metrics["val_auc"])  # what Optuna learns from
+            state.history.append(metrics)
+            improved = metrics[METRIC] > state.best_auc
+            state.best_auc = max(state.best_auc, metrics[METRIC])
+            state.epoch = epoch + 1
+            metrics[BEST_SO_FAR] = state.best_auc  # what Optuna learns from
             periodic = checkpoint_every and (epoch + 1) % checkpoint_every == 0
             if not (improved or periodic or epoch + 1 == config.epochs):
                 tune.report(metrics)
                 return
-            best_auc = max(best_auc, metrics["val_auc"])
-            result = FitResult(model=self.model, history=history, best_epoch=epoch + 1, runtime=runtime)
+            result = FitResult(model=self.model, history=state.history, best_epoch=epoch + 1, runtime=runtime)
             with tempfile.TemporaryDirectory() as directory:
                 save_model_dir(self.model, model_metadata(config, splits, result), directory)
-                state = {"epoch": epoch + 1, "best_auc": best_auc, "history": history}
-                (Path(directory) / STATE_FILE).write_text(json.dumps(state))
+                (Path(directory) / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
-    fit(config, splits, model=model, initial_epoch=initial_epoch, callbacks=[ReportToTune()],
-        runtime=runtime, log=lambda line: print(line, flush=True))
+    return ReportToTune()
+
+
+def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -> None:
+    """Tune entry point: ``tune.with_parameters(train_trial, base=..., checkpoint_every=...)``."""
+    import ray
+    from ray import tune
+
+    from models.runtime import configure_tensorflow
+    from tuning.train import fit, load_data
+
+    entered = time.perf_counter()
+    config = trial_config(base, params)
+    config = dataclasses.replace(config, name=f"{config.name}-{tune.get_context().get_trial_id()}")
+    # Threads and GPU memory growth before any TF op; fractional GPUs then share a card.
+    runtime = configure_tensorflow(_trial_cpus(), config.mixed_precision)
+    splits = load_data(config)
+    model, state = None, TrialState()
+    if checkpoint := tune.get_checkpoint():
+        model, state = restore_checkpoint(checkpoint)
+        print(f"resuming trial from its checkpoint at epoch {state.epoch}")
+        if state.epoch >= config.epochs:  # stopped right after its last epoch: nothing left to train
+            return
+    placement = {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+        "start_epoch": state.epoch,  # > 0 after a restart from a checkpoint
+    }
+    callback = report_to_tune(config, splits, runtime, state, placement, checkpoint_every, entered)
+    fit(config, splits, model=model, initial_epoch=state.epoch, callbacks=[callback], runtime=runtime,
+        log=lambda line: print(line, flush=True))
 
 
 def trial_dirname(trial) -> str:

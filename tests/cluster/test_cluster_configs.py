@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from models.config import load_config
-from tests.services import BIN, free_port, group_alive
+from serving.launch import free_port
+from tests.services import BIN, group_alive
+from serving.settings import ServeSettings, ServeSettingsError
 from tuning.config import TuneConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +62,7 @@ def test_kuberay_rayjob_runs_the_tuning_job_on_the_pinned_image():
     spec = job["spec"]
     assert spec["rayClusterSpec"]["rayVersion"] == _pins()["ray"]
     match = re.search(r"--config (\S+)", spec["entrypoint"])
-    assert spec["entrypoint"].startswith("python -m tuning.run") and match
+    assert spec["entrypoint"].startswith("python -m tuning.search") and match
     load_config(TuneConfig, REPO / match.group(1))
     containers = [spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]]
     for group in spec["rayClusterSpec"]["workerGroupSpecs"]:
@@ -121,10 +123,9 @@ def test_kuberay_rayservice_serves_the_projects_app_on_the_same_image():
     (application,) = serve_config["applications"]
     module, _, builder = application["import_path"].partition(":")
     assert callable(getattr(importlib.import_module(module), builder))
-    deployments = {d["name"]: d for d in application["deployments"]}
-    assert deployments["Classifier"]["user_config"]["package"] == application["args"]["package"]
-    scaling = deployments["Classifier"]["autoscaling_config"]
-    assert scaling["min_replicas"] <= scaling["max_replicas"]
+    settings = ServeSettings.parse(application["args"])  # the args are the typed serving settings
+    scaling = settings.deployment_options()["autoscaling_config"]
+    assert scaling["min_replicas"] <= scaling["max_replicas"] == 4 and settings.num_cpus == 2
     head = spec["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     job_head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert head["image"] == job_head["image"]
@@ -142,4 +143,8 @@ def test_serve_config_file_points_at_the_app_and_binds_to_loopback():
     assert config["http_options"]["host"] == "127.0.0.1"
     (application,) = config["applications"]
     assert application["import_path"] == "serving.app:build_app"
-    assert {d["name"] for d in application["deployments"]} == {"Classifier"}
+    assert ServeSettings.parse(application["args"]).package == "artifacts/CHANGE-ME"
+    with pytest.raises(ServeSettingsError, match="max_body_byte.*[Ee]xtra inputs"):  # a typo is named
+        ServeSettings.parse({**application["args"], "max_body_byte": 1})
+    with pytest.raises(ServeSettingsError, match="replicas.*integer"):
+        ServeSettings.parse({**application["args"], "replicas": "two"})

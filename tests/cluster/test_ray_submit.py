@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from tests.conftest import REAL_DATA, write_split
-from tests.services import BIN, free_port, group_alive, stop_group
+from serving.launch import free_port
+from tests.services import BIN, group_alive, stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -95,7 +96,7 @@ def test_ray_up_and_ray_submit_a_tiny_search(sshd, tmp_path):
         write_split(Path(data) / "test", patients=3, size=64, seed=2, offset=900)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     home = Path.home()
-    created = [home / "ray_bootstrap_config.yaml", home / "ray_bootstrap_key.pem", home / "run.py"]
+    created = [home / "ray_bootstrap_config.yaml", home / "ray_bootstrap_key.pem", home / "search.py"]
     try:
         up = subprocess.run([str(BIN / "ray"), "up", "-y", "--no-config-cache", str(config_path)], env=env,
                             capture_output=True, text=True, timeout=300)
@@ -106,7 +107,7 @@ def test_ray_up_and_ray_submit_a_tiny_search(sshd, tmp_path):
                 "train.data.max_train_images=96", "train.data.max_val_images=64", "points_to_evaluate=[]",
                 f"storage_path={storage}", "name=submitted", "train.mixed_precision=float32"]
         submit = subprocess.run(
-            [str(BIN / "ray"), "submit", str(config_path), str(REPO / "tuning" / "run.py"), "--",
+            [str(BIN / "ray"), "submit", str(config_path), str(REPO / "tuning" / "search.py"), "--",
              "--address", f"127.0.0.1:{port}", "--data", data, *[a for s in sets for a in ("--set", s)]],
             env=env, capture_output=True, text=True, timeout=900)
         assert submit.returncode == 0, submit.stdout[-5000:] + submit.stderr[-3000:]

@@ -1,3 +1,5 @@
+"""Dataset reading: the three layouts, the patient-grouped validation split, unreadable files, subgroups."""
+
 import json
 
 import numpy as np

@@ -1,3 +1,5 @@
+"""Getting data: MedMNIST downloads checked by MD5 and written atomically, zips unpacked into the layout."""
+
 import hashlib
 import http.server
 import threading
@@ -97,7 +99,7 @@ def test_unpack_kaggle_zip_into_the_expected_layout(tmp_path):
     splits = load_splits(dest)
     assert splits.layout == "kaggle" and len(splits.test) == 12
     assert [p.name for p in (tmp_path / "data").iterdir()] == ["chest_xray"]  # no staging dir left
-    with pytest.raises(FileExistsError):
+    with pytest.raises(DownloadError, match="already exists"):
         unpack_zip(archive, dest)
 
 

@@ -1,3 +1,5 @@
+"""The model families: they build, train a step, follow their config, save and reload, and give Grad-CAM maps."""
+
 import os
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import pytest
 
 from models.config import ConfigError, ModelConfig, load_config
 from models.networks import WeightsUnavailableError, build_model
-from models.package import PackageError, load_model_dir, save_model_dir
+from models.package import PackageError, PackageMetadata, load_model_dir, save_model_dir
 from tuning.train import compile_model
 from tuning.config import TrainConfig
 
@@ -24,8 +26,9 @@ def _batch(size: int, n: int = 4):
         ModelConfig(family="cnn", image_size=32, depth=3, base_filters=4, dense_units=8),
         ModelConfig(family="cnn", image_size=32, depth=2, base_filters=4, dense_units=8, separable=True, kernel_size=5),
         ModelConfig(family="inception", image_size=75, dense_units=8, trainable_blocks=2),
+        ModelConfig(family="efficientnet_lite0", image_size=64, dense_units=8, trainable_blocks=2),
     ],
-    ids=["cnn", "cnn-separable", "inception"],
+    ids=["cnn", "cnn-separable", "inception", "efficientnet_lite0"],
 )
 def test_each_family_builds_and_takes_a_training_step(config):
     model = build_model(config)
@@ -39,6 +42,8 @@ def test_each_family_builds_and_takes_a_training_step(config):
     assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     probabilities = model.predict_on_batch(x)
     assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    assert {layer.momentum for layer in norms} == {config.bn_momentum}  # a backbone's own norms included
 
 
 def test_cnn_depth_and_filters_follow_the_config():
@@ -70,15 +75,16 @@ def test_mixed_precision_keeps_a_float32_output():
 def test_saved_model_reloads_and_predicts_identically(tmp_path):
     model = build_model(ModelConfig(family="cnn", image_size=32, depth=2, base_filters=4, dense_units=8))
     x, _ = _batch(32, 6)
-    save_model_dir(model, {"threshold": 0.5}, tmp_path / "m")
+    written = PackageMetadata.for_training({"model": {"family": "cnn"}}, 32)
+    save_model_dir(model, written, tmp_path / "m")
     loaded, metadata = load_model_dir(tmp_path / "m")
-    assert metadata == {"threshold": 0.5}
+    assert metadata == written
     np.testing.assert_array_equal(loaded.predict_on_batch(x), model.predict_on_batch(x))
 
 
 def test_tampered_model_dir_is_refused(tmp_path):
     model = build_model(ModelConfig(family="cnn", image_size=32, depth=1, base_filters=2, dense_units=2))
-    directory = save_model_dir(model, {"threshold": 0.5}, tmp_path / "m")
+    directory = save_model_dir(model, PackageMetadata.for_training({}, 32), tmp_path / "m")
     (directory / "metadata.json").write_text('{"threshold": 0.01}')
     with pytest.raises(PackageError, match="checksum mismatch.*metadata.json"):
         load_model_dir(directory)
@@ -137,6 +143,8 @@ def test_batch_norm_momentum_follows_the_config(family, size):
 def test_model_config_refuses_bad_values():
     with pytest.raises(ConfigError, match="image_size must be >= 75 for inception"):
         load_config(ModelConfig, overrides=["family=inception", "image_size=64"])
+    with pytest.raises(ConfigError, match="trainable_blocks must lie in -1..7 for efficientnet_lite1"):
+        load_config(ModelConfig, overrides=["family=efficientnet_lite1", "trainable_blocks=8"])
     with pytest.raises(ConfigError, match="'resnet' is not one of"):
         load_config(ModelConfig, overrides=["family=resnet"])
     with pytest.raises(ConfigError, match="unknown key depht"):
@@ -148,14 +156,16 @@ def test_model_config_refuses_bad_values():
 
 
 @pytest.mark.parametrize("config", [ModelConfig(family="cnn", image_size=32, depth=2, base_filters=4, dense_units=8),
-                                    ModelConfig(family="inception", image_size=75, dense_units=8)],
-                         ids=["cnn", "inception"])
+                                    ModelConfig(family="inception", image_size=75, dense_units=8),
+                                    ModelConfig(family="efficientnet_lite0", image_size=64, dense_units=8)],
+                         ids=["cnn", "inception", "efficientnet_lite0"])
 def test_gradcam_gives_a_heatmap_at_the_input_size(config):
     import io
 
     from PIL import Image
 
-    from models.gradcam import feature_maps, gradcam, overlay_png
+    from models.gradcam import feature_maps, gradcam
+    from serving.overlay import overlay_png
 
     model = build_model(config)
     assert len(feature_maps(model).shape) == 4

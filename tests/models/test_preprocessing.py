@@ -1,3 +1,5 @@
+"""The one preprocessing function: grayscale, resize, [0, 1] float32, whatever the input format."""
+
 import io
 
 import numpy as np

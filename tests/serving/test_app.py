@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.services import free_port
+from serving.launch import free_port
 from tuning.cli import main
 
 pytestmark = pytest.mark.slow
@@ -48,11 +48,11 @@ def endpoint(package):
     from ray import serve
 
     from serving.app import build_app
-    from serving.launch import HAPROXY_ENV, HAPROXY_PORTS, choose_ingress
+    from serving.launch import HAPROXY_ENV, HAPROXY_PORTS, set_ingress_environment
 
     port = free_port()
     saved = {key: os.environ.get(key) for key in [*HAPROXY_ENV, *HAPROXY_PORTS]}
-    assert choose_ingress("auto") == "haproxy"  # as `pneumonia serve` does (ray[serve] bundles HAProxy)
+    assert set_ingress_environment("auto") == "haproxy"  # as `pneumonia serve` does (ray[serve] bundles HAProxy)
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # logical: room for 2 apps x 2 replicas
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -135,7 +135,7 @@ def test_a_2000px_upscale_is_served_exactly_as_offline_and_close_to_the_original
     status, body, _ = _post(endpoint, buffer.getvalue())
     assert status == 200, body
     model, metadata = load_model_dir(package[0])
-    image = preprocess(decode_image(buffer.getvalue()), metadata["input"]["image_size"])
+    image = preprocess(decode_image(buffer.getvalue()), metadata.image_size)
     offline = float(model.predict(image[tf.newaxis], verbose=0).reshape(-1)[0])
     assert body["probability"] == pytest.approx(offline, abs=1e-5)
     assert body["probability"] == pytest.approx(float(row["prob_pneumonia"]), abs=0.05)

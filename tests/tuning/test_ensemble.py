@@ -7,25 +7,24 @@ import pytest
 
 from models.config import ModelConfig
 from models.networks import build_model
-from models.package import load_model_dir, save_model_dir
+from models.config import to_dict
+from models.package import EnsembleMember, PackageMetadata, load_model_dir, save_model_dir
 from tuning.config import TrainConfig, TuneConfig
-from tuning.ensemble import Member, build_ensemble
+from tuning.ensemble import build_ensemble
 
 SIZE = 32
 
 
-def _member(tmp_path, name: str, family: str, depth: int, seed: int) -> Member:
+def _member(tmp_path, name: str, family: str, depth: int, seed: int) -> EnsembleMember:
     import keras
 
     keras.utils.set_random_seed(seed)
     config = TrainConfig(name=name, model=ModelConfig(family=family, image_size=SIZE, depth=depth, base_filters=4,
                                                       dense_units=8))
     model = build_model(config.model)
-    metadata = {"class_names": ["NORMAL", "PNEUMONIA"], "input": {"image_size": SIZE},
-                "config": {"name": name, "model": {"family": family, "image_size": SIZE}}, "best_epoch": 3,
-                "validation": {"auc": 0.9}}
+    metadata = PackageMetadata.for_training(to_dict(config), SIZE, best_epoch=3, validation={"auc": 0.9})
     save_model_dir(model, metadata, tmp_path / name)
-    return Member(name, family, SIZE, 0.9, str(tmp_path / name))
+    return EnsembleMember(name, family, SIZE, 0.9, str(tmp_path / name))
 
 
 def test_ensemble_predicts_the_mean_of_its_members_and_reloads(tmp_path):
@@ -36,8 +35,9 @@ def test_ensemble_predicts_the_mean_of_its_members_and_reloads(tmp_path):
     alone = [np.asarray(load_model_dir(m.checkpoint)[0].predict_on_batch(x)) for m in members]
     assert not np.allclose(alone[0], alone[1])  # two different members, or the test proves nothing
     np.testing.assert_allclose(ensemble.predict_on_batch(x), np.mean(alone, axis=0), atol=1e-6)
-    assert [m["trial_id"] for m in metadata["ensemble"]] == ["a", "b"]
-    assert metadata["input"]["image_size"] == SIZE and "best_epoch" not in metadata and "validation" not in metadata
+    assert [m.trial_id for m in metadata.ensemble] == ["a", "b"]
+    assert metadata.image_size == SIZE and metadata.best_epoch is None and metadata.validation == {}
+    assert metadata.config["name"] == "a"  # the best member's
 
 
 def test_gradcam_of_an_ensemble_is_the_mean_of_its_members_maps(tmp_path):

@@ -1,3 +1,5 @@
+"""Evaluation: metrics against scikit-learn, thresholds from validation only, the report and the package."""
+
 import csv
 import json
 import shutil
@@ -169,10 +171,11 @@ def test_package_reloads_in_a_fresh_process_and_reproduces_predictions(trained, 
         "from models.dataset import load_splits\n"
         "from models.package import load_model_dir\n"
         "from tuning.evaluate import predict_split\n"
+        "from tuning.report import display_path\n"
         "model, meta = load_model_dir(sys.argv[1])\n"
         "test = load_splits(sys.argv[2]).test\n"
-        "for path, p in zip(test.paths, predict_split(model, test, meta['input']['image_size'])):\n"
-        "    print(path, repr(float(p)))\n"
+        "for path, p in zip(test.paths, predict_split(model, test, meta.image_size)):\n"
+        "    print(display_path(path), repr(float(p)))\n"
     )
     result = subprocess.run([sys.executable, "-c", script, str(package), str(mendeley_dir)],
                             capture_output=True, text=True, timeout=300, check=True)

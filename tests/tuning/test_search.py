@@ -1,69 +1,180 @@
-import optuna
+"""Tuning on real Ray: a local in-process run with resume, and a 2-node loopback cluster (job submit under
+token auth with S3 storage on moto, and a lost worker node). Every process is stopped by the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
-from models.config import ConfigError, load_config
-from tuning.config import TuneConfig
-from tuning.run import StorageError, check_storage, join_uri, study_storage_url
-from tuning.search_space import DefineByRun, random_space, to_overrides
-from tuning.trainable import trial_config
+from models.package import load_model_dir
+from tests.conftest import REAL_DATA, write_split
+from tests.services import BIN, LocalRayCluster, MotoS3, stop_group
+from tuning.experiment import read_trial_results
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+TINY_SEARCH = [
+    "max_concurrent=2", "train.epochs=2", "grace_period=1", "reduction_factor=2", "cpus_per_trial=1",
+    "space.cnn_image_sizes=[64]", "space.inception_image_sizes=[75]", "space.inception_trainable_blocks=[0]",
+    "space.cnn_depth=[2,3]", "space.cnn_base_filters=[8]", "space.batch_sizes=[32]",
+    "train.data.max_train_images=128", "train.data.max_val_images=64", "train.mixed_precision=float32",
+    "points_to_evaluate=[{model.family: cnn}, {model.family: inception}]",
+]
 
 
-def test_define_by_run_picks_a_family_then_only_its_parameters():
-    config = load_config(TuneConfig, overrides=["space.augment=[0.75, 1.5]"])
-    space = DefineByRun(config.space)
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
-    seen = set()
-    for _ in range(12):
-        trial = study.ask()
-        params = space(trial)
-        family = params["model.family"]
-        seen.add(family)
-        if family == "cnn":
-            assert "model.depth" in params and "model.trainable_blocks" not in params
-            assert params["model.image_size"] in config.space.cnn_image_sizes
+@pytest.fixture
+def search_data(tmp_path) -> str:
+    """The real data when PNEUMONIA_DATA is set (subsets are taken by the configs), else generated films."""
+    if REAL_DATA:
+        return str(Path(REAL_DATA).resolve())
+    root = tmp_path / "generated"
+    write_split(root / "train", patients=60, per_patient=3, size=80, seed=1)
+    write_split(root / "test", patients=4, size=80, seed=2, offset=900)
+    return str(root)
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def _run_driver(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tuning.search", *args], cwd=REPO, env=env,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(search_data, tmp_path):
+    storage = tmp_path / "results"
+    args = ["--data", search_data, *_sets([*TINY_SEARCH, "num_samples=3", "max_concurrent=1", "scheduler=fifo",
+                                           "space.families=[cnn]", "points_to_evaluate=[]", f"storage_path={storage}",
+                                           "name=resume"])]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    driver = _run_driver(args, env, tmp_path / "first.log")
+    experiment = storage / "resume"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # wait until one trial finished and the next has started
+            results = read_trial_results(experiment)
+            finished = [rows for rows in results.values() if rows and rows[-1].get("epoch") == 2]
+            if finished and len(results) >= 2:
+                break
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
         else:
-            assert "model.trainable_blocks" in params and "model.depth" not in params
-            assert params["model.image_size"] >= 75
-        assert 0.75 <= params["data.augment"] <= 1.5  # the configured floor holds
-        trained = trial_config({}, params)  # every sample is a valid TrainConfig
-        assert trained.model.family == family and trained.model.image_size == params["model.image_size"]
-        study.tell(trial, 0.5)
-    assert seen == {"cnn", "inception"}
+            pytest.fail("no trial finished in time")
+    finally:
+        stop_group(driver)  # SIGTERM then SIGKILL to the driver and its in-process Ray
+    before = {name: len(rows) for name, rows in read_trial_results(experiment).items() if rows[-1].get("epoch") == 2}
+    assert before and not (experiment / "best.json").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "tuning.search", "--resume", *args], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    after = read_trial_results(experiment)
+    assert len(after) == 3
+    for name, count in before.items():
+        assert len(after[name]) == count, f"finished trial {name} ran again"
+    best = json.loads((experiment / "best.json").read_text())
+    assert best["errors"] == 0
+    load_model_dir(best["checkpoint_path"])
 
 
-def test_random_space_resolves_the_family_image_size():
-    params = {"model.family": "inception", "cnn.image_size": 64, "inception.image_size": 96, "learning_rate": 1e-3}
-    assert sorted(to_overrides(params)) == ["learning_rate=0.001", "model.family=inception", "model.image_size=96"]
-    assert set(random_space(load_config(TuneConfig).space)) >= {"model.family", "cnn.image_size"}
+@pytest.fixture
+def cluster(tmp_path):
+    s3 = MotoS3(tmp_path).start()
+    ray_cluster = LocalRayCluster(tmp_path, cpus=1, gpus=1, workers=1, env=s3.env)
+    try:
+        yield ray_cluster.start(), s3
+    finally:
+        ray_cluster.stop()
+        s3.stop()
 
 
-def test_multi_node_with_local_storage_is_refused_up_front():
-    config = load_config(TuneConfig, overrides=["storage_path=/tmp/x"])
-    check_storage(config, 1)
-    with pytest.raises(StorageError, match="local path.*2 nodes.*s3://"):
-        check_storage(config, 2)
-    check_storage(load_config(TuneConfig, overrides=["storage_path=s3://b/x"]), 3)
-    check_storage(load_config(TuneConfig, overrides=["storage_path=/nfs/x", "shared_storage=true"]), 3)
+def test_job_submit_to_two_nodes_with_token_auth_and_s3_storage(cluster, search_data, tmp_path):
+    ray_cluster, s3 = cluster
+    node_ids = {n["node_id"] for n in ray_cluster.alive_nodes()}
+    assert len(node_ids) == 2
+
+    # Without the token the cluster's job API refuses the client.
+    no_token = {k: v for k, v in ray_cluster.env.items() if not k.startswith("RAY_AUTH")}
+    refused = subprocess.run([str(BIN / "ray"), "job", "list", "--address", ray_cluster.dashboard], env=no_token,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+
+    storage = s3.uri("experiments")
+    cache = tmp_path / "cache"
+    entry = ["python", "-m", "tuning.search", "--data", search_data,
+             *_sets([*TINY_SEARCH, "num_samples=6", "gpus_per_trial=1", f"storage_path={storage}", "name=jobtest"])]
+    runtime_env = json.dumps({"env_vars": {**s3.env, "PNEUMONIA_CACHE": str(cache)}})
+    job = ray_cluster.submit_job(entry, ["--working-dir", str(REPO), "--runtime-env-json", runtime_env], timeout=900)
+    output = job.stdout + job.stderr
+    assert job.returncode == 0, output[-5000:]
+    assert "succeeded" in output.lower()
+
+    keys = s3.keys()
+    assert "experiments/jobtest/best.json" in keys
+    best = json.loads(s3.client().get_object(Bucket=s3.bucket, Key="experiments/jobtest/best.json")["Body"].read())
+    assert best["trials"] == 6 and best["errors"] == 0
+    assert any("/checkpoint_" in k for k in keys)  # checkpoints from both nodes landed in the bucket
+
+    rows = []
+    for key in keys:
+        if key.endswith("/result.json"):
+            body = s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read().decode()
+            rows.append([json.loads(line) for line in body.splitlines() if line.strip()])
+    assert len(rows) == 6
+    assert {r["node_id"] for trial in rows for r in trial} == node_ids  # trials ran on both nodes
+    assert all(r["gpu_ids"] for trial in rows for r in trial)  # each trial was assigned a (logical) GPU
+    families = {r["config"]["model.family"] for trial in rows for r in trial}
+    assert families == {"cnn", "inception"}
+    assert any(trial[-1]["epoch"] < 2 for trial in rows)  # ASHA stopped at least one trial early
+    model, metadata = load_model_dir(best["checkpoint_path"])  # the best checkpoint restores
+    assert metadata.config["model"]["family"] == best["family"]
 
 
-def test_uris_keep_their_query_last_and_study_defaults_beside_local_experiments(tmp_path):
-    uri = "s3://bucket/exp?endpoint_override=127.0.0.1:5055&scheme=http"
-    assert join_uri(uri, "quick", "best.json") == "s3://bucket/exp/quick/best.json?endpoint_override=127.0.0.1:5055&scheme=http"
-    config = load_config(TuneConfig, overrides=[f"storage_path={tmp_path}", "name=n"])
-    assert study_storage_url(config) == f"sqlite:///{tmp_path}/n-optuna.db"
-
-
-@pytest.mark.parametrize("path", ["tuning/configs/quick.yaml", "tuning/configs/full-cpu.yaml",
-                                  "tuning/configs/gpu-cluster.yaml"])
-def test_shipped_tune_configs_load(path):
-    config = load_config(TuneConfig, path)
-    assert config.num_samples >= 1 and config.train.epochs >= config.grace_period
-
-
-def test_bad_tune_config_is_refused():
-    with pytest.raises(ConfigError, match="grace_period"):
-        load_config(TuneConfig, overrides=["train.epochs=2", "grace_period=3"])
-    with pytest.raises(ConfigError, match="families"):
-        load_config(TuneConfig, overrides=["space.families=[resnet]"])
-    with pytest.raises(ConfigError, match="augment must be"):
-        load_config(TuneConfig, overrides=["space.augment=[1.0, 0.5]"])
+def test_lost_worker_node_trial_resumes_from_its_checkpoint(tmp_path, search_data):
+    ray_cluster = LocalRayCluster(tmp_path, cpus=1, gpus=0, workers=1).start()
+    try:
+        nodes = ray_cluster.alive_nodes()
+        head_id = next(n["node_id"] for n in nodes if n["is_head_node"])
+        storage = tmp_path / "shared"
+        args = ["--address", ray_cluster.address, "--data", search_data,
+                *_sets([*TINY_SEARCH, "num_samples=2", "scheduler=fifo", "space.families=[cnn]", "train.epochs=6",
+                        "checkpoint_every=1", "max_failures=2", "train.data.max_train_images=1024",
+                        "points_to_evaluate=[]", f"storage_path={storage}", "shared_storage=true", "name=fault"])]
+        driver = _run_driver(args, ray_cluster.env, tmp_path / "driver.log")
+        experiment = storage / "fault"
+        try:
+            deadline = time.time() + 300
+            victim = None
+            while time.time() < deadline and victim is None:
+                for name, rows in read_trial_results(experiment).items():
+                    if rows and rows[-1]["node_id"] != head_id and 2 <= rows[-1]["epoch"] < 6:
+                        victim = name
+                assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+                time.sleep(0.3)
+            assert victim, "no trial on the worker node reached epoch 2"
+            os.kill(ray_cluster.raylet_pid("worker0"), 9)
+            driver.wait(timeout=600)
+        finally:
+            stop_group(driver)
+        log = (tmp_path / "driver.log").read_text()
+        assert driver.returncode == 0, log[-5000:]
+        rows = read_trial_results(experiment)[victim]
+        epochs = [r["epoch"] for r in rows]
+        restarted = [r for r in rows if r["start_epoch"] > 0]
+        assert restarted, f"trial {victim} did not restart from a checkpoint: epochs {epochs}"
+        assert restarted[0]["epoch"] == restarted[0]["start_epoch"] + 1 > 2  # counted on, not from 0
+        assert restarted[0]["node_id"] == head_id
+        assert epochs[-1] == 6
+        best = json.loads((experiment / "best.json").read_text())
+        assert best["errors"] == 0 and best["trials"] == 2
+    finally:
+        ray_cluster.stop()

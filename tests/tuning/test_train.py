@@ -1,3 +1,5 @@
+"""``pneumonia train``: one configuration trained on each layout into a model directory."""
+
 import json
 
 import numpy as np

@@ -1,3 +1,5 @@
+"""``pneumonia run`` end to end: search, one evaluation on test, export, Serve, and the answers it serves."""
+
 import csv
 import json
 import os
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import free_port
+from serving.launch import free_port
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -17,14 +19,14 @@ SCRIPT = """
 import json, sys
 import ray
 from ray import serve
-from tuning.main_job import run_main_job
+from tuning.end_to_end import run_end_to_end
 data, storage, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 overrides = ["num_samples=2", "max_concurrent=2", "train.epochs=1", "grace_period=1", "space.families=[cnn]",
              "space.cnn_image_sizes=[32]", "space.cnn_depth=[2,2]", "space.cnn_base_filters=[4]",
              "points_to_evaluate=[]", f"storage_path={storage}", "train.data.max_train_images=0",
              "train.mixed_precision=float32", "ensemble=2"]
 try:
-    summary = run_main_job(None, None, data, overrides, port=port, block=False)
+    summary = run_end_to_end(None, None, data, overrides, port=port, block=False)
 finally:
     serve.shutdown()
     ray.shutdown()
@@ -33,7 +35,7 @@ print("SUMMARY " + json.dumps(summary, default=str))
 
 
 @pytest.mark.slow
-def test_main_job_tunes_evaluates_serves_and_answers_like_the_evaluation(tmp_path):
+def test_end_to_end_job_tunes_evaluates_serves_and_answers_like_the_evaluation(tmp_path):
     """`pneumonia run` on generated films: tune (2 trials), evaluate the ensemble of both, export, serve, query once."""
     from tests.conftest import write_split
 
@@ -91,7 +93,8 @@ def test_job_submitted_to_a_cluster_serves_what_the_evaluation_predicted(real_da
         version = json.loads((package / "metadata.json").read_text())["version"]
         queried = [r for r in rows if "NORMAL" in r["path"]][:4] + [r for r in rows if "PNEUMONIA" in r["path"]][:4]
         for row in queried:  # the job has ended; its Serve application lives on in the cluster
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=Path(row["path"]).read_bytes(),
+            film = tmp_path / row["path"]  # paths in a report are relative to the job's working directory
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=film.read_bytes(),
                                              headers={"Content-Type": "image/jpeg"})
             answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
             assert answer["model_version"] == version

@@ -1,8 +1,8 @@
-"""The tuning job: Ray Tune + Optuna (TPE) + ASHA over both model families.
+"""The search: Ray Tune + Optuna (TPE) + ASHA over the model families, ending in ``best.json``.
 
 What ``ray job submit`` and ``ray submit`` run; ``pneumonia tune`` is the same:
 
-    python -m tuning.run --config tuning/configs/quick.yaml [--set key=value ...] [--address ADDR] [--resume]
+    python -m tuning.search --config tuning/configs/quick.yaml [--set key=value ...] [--address ADDR] [--resume]
 
 Joins the cluster at ``--address`` / ``$RAY_ADDRESS``, else starts a local Ray in-process. At the end it
 writes ``best.json`` (trial, family, config, validation metrics, checkpoint) into the experiment dir.
@@ -18,56 +18,21 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from models.config import ConfigError, load_config, to_dict
+from models.config import load_config, to_dict
 from models.download import default_cache_dir
 from tuning.config import TuneConfig
-
-METRIC, MODE = "val_auc", "max"
-
-
-class StorageError(ValueError):
-    """A storage path the cluster's nodes cannot all reach."""
-
-
-def is_remote(storage_path: str) -> bool:
-    return "://" in storage_path
-
-
-def local_storage(storage_path: str) -> str:
-    return storage_path if is_remote(storage_path) else str(Path(storage_path).expanduser().resolve())
-
-
-def check_storage(config: TuneConfig, alive_nodes: int) -> None:
-    """Refuse a node-local storage path on a multi-node cluster before any trial starts."""
-    if alive_nodes > 1 and not is_remote(config.storage_path) and not config.shared_storage:
-        raise StorageError(
-            f"storage_path {config.storage_path!r} is a local path, but this cluster has {alive_nodes} nodes: "
-            "checkpoints reported by trials on worker nodes would be written where the head (and a restarted "
-            "trial on another node) cannot read them. Use s3://BUCKET/PATH or gs://BUCKET/PATH, or an NFS "
-            "path mounted on every node together with shared_storage=true."
-        )
-
-
-def join_uri(base: str, *parts: str) -> str:
-    """Append path parts to a local path or URI, before any ``?query`` (s3://b/x?endpoint_override=...)."""
-    path, sep, query = base.partition("?")
-    return "/".join([path.rstrip("/"), *parts]) + sep + query
-
-
-def experiment_path(config: TuneConfig) -> str:
-    return join_uri(local_storage(config.storage_path), config.name)
-
-
-def study_storage_url(config: TuneConfig) -> str:
-    """Optuna's RDB URL: the configured one, else sqlite beside a local experiment (or in the cache)."""
-    if config.study_storage:
-        return config.study_storage
-    if is_remote(config.storage_path):
-        base = default_cache_dir()
-    else:
-        base = Path(local_storage(config.storage_path))
-    base.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{base / (config.name + '-optuna.db')}"
+from tuning.experiment import (
+    BEST_SO_FAR,
+    METRIC,
+    MODE,
+    SearchError,
+    check_storage,
+    experiment_path,
+    is_remote,
+    join_uri,
+    local_storage,
+    study_storage_url,
+)
 
 
 def print_line(line: str) -> None:
@@ -89,7 +54,7 @@ class CompactProgress:
                 log(
                     f"[{time.strftime('%H:%M:%S')}] {trial.trial_id} {config.get('model.family', '?'):<9} "
                     f"epoch {result.get('epoch', result.get('training_iteration'))}  "
-                    f"val_auc {result.get('val_auc', float('nan')):.4f}  "
+                    f"{METRIC} {result.get(METRIC, float('nan')):.4f}  "
                     f"val_acc {result.get('val_accuracy', float('nan')):.4f}  "
                     f"loss {result.get('loss', float('nan')):.4f}  "
                     f"{result.get('images_per_sec', 0):.0f} img/s"
@@ -97,7 +62,7 @@ class CompactProgress:
 
             def on_trial_complete(self, iteration, trials, trial, **info):
                 log(f"[{time.strftime('%H:%M:%S')}] {trial.trial_id} finished "
-                    f"(best val_auc {trial.metric_analysis.get(METRIC, {}).get('max', float('nan')):.4f})")
+                    f"(best {METRIC} {trial.metric_analysis.get(METRIC, {}).get(MODE, float('nan')):.4f})")
 
             def on_trial_recover(self, iteration, trials, trial, **info):
                 log(f"[{time.strftime('%H:%M:%S')}] {trial.trial_id} lost its worker or failed; retrying from its "
@@ -132,7 +97,7 @@ def make_search(config: TuneConfig):
     searcher = OptunaSearch(
         space=DefineByRun(config.space),
         # Optuna records a trial's last reported value: the best-so-far AUC makes that its best epoch's.
-        metric="best_val_auc",
+        metric=BEST_SO_FAR,
         mode=MODE,
         sampler=optuna.samplers.TPESampler(seed=config.seed),
         study_name=config.name,
@@ -174,13 +139,13 @@ def write_best(results, config: TuneConfig, log: Callable[[str], None]) -> dict:
 
     if not any(METRIC in (result.metrics or {}) for result in results):
         first_error = next((str(e).strip().splitlines()[-1] for e in results.errors), "no error recorded")
-        raise RuntimeError(f"no trial reported {METRIC}: {len(results.errors)} of {len(results)} trials failed "
+        raise SearchError(f"no trial reported {METRIC}: {len(results.errors)} of {len(results)} trials failed "
                            f"(first error: {first_error}); each trial's error.txt under "
                            f"{experiment_path(config)} has the traceback")
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
     checkpoint = best.get_best_checkpoint(METRIC, MODE) or best.checkpoint
     if checkpoint is None:
-        raise RuntimeError("no trial reported a checkpoint; nothing to evaluate")
+        raise SearchError("no trial reported a checkpoint; nothing to evaluate")
     best_metrics = max(
         (row for row in best.metrics_dataframe.to_dict("records") if METRIC in row), key=lambda row: row[METRIC]
     )
@@ -194,7 +159,7 @@ def write_best(results, config: TuneConfig, log: Callable[[str], None]) -> dict:
         "trial_id": best.metrics.get("trial_id", trial_id),
         "family": best.config.get("model.family"),
         "params": best.config,
-        "config": read_metadata(checkpoint_path)["config"],
+        "config": read_metadata(checkpoint_path).config,
         "metrics": {k: best_metrics[k] for k in best_metrics if k.startswith(("val_", "loss", "accuracy", "epoch"))},
         "checkpoint_path": str(checkpoint_path),
         "checkpoint_uri": checkpoint.path if is_remote(config.storage_path) else str(checkpoint_path),
@@ -213,13 +178,13 @@ def write_best(results, config: TuneConfig, log: Callable[[str], None]) -> dict:
         log(f"local copy for `pneumonia evaluate --experiment {local_copy.parent}`: {local_copy}")
     else:
         Path(experiment_path(config), "best.json").write_text(text)
-    log(f"best trial {summary['trial_id']} ({summary['family']}): val_auc {summary['metrics'].get(METRIC):.4f}")
+    log(f"best trial {summary['trial_id']} ({summary['family']}): {METRIC} {summary['metrics'].get(METRIC):.4f}")
     log(f"best.json: {join_uri(experiment_path(config), 'best.json')}")
     return summary
 
 
-def tune_experiment(config: TuneConfig, address: str | None = None, resume: bool = False,
-                    log: Callable[[str], None] = print) -> dict:
+def run_search(config: TuneConfig, address: str | None = None, resume: bool = False,
+               log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the search on the cluster at ``address`` or a local in-process Ray; returns best.json."""
     import ray
     from ray import tune
@@ -227,6 +192,9 @@ def tune_experiment(config: TuneConfig, address: str | None = None, resume: bool
     from tuning.trainable import trial_dirname
 
     address = address or os.environ.get("RAY_ADDRESS") or None
+    path = experiment_path(config)
+    if resume and not tune.Tuner.can_restore(path):  # before Ray starts: a mistake costs a second
+        raise SearchError(f"nothing to resume at {path}")
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True, include_dashboard=None if address else False)
     alive = sum(1 for node in ray.nodes() if node.get("Alive"))
@@ -235,11 +203,8 @@ def tune_experiment(config: TuneConfig, address: str | None = None, resume: bool
     log(f"Ray: {alive} node(s), {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; "
         f"experiment {experiment_path(config)}")
     started = time.time()
-    path = experiment_path(config)
     trainable = make_trainable(config)
     if resume:
-        if not tune.Tuner.can_restore(path):
-            raise ValueError(f"nothing to resume at {path}")
         log(f"resuming {path}: finished trials are kept, unfinished ones continue from their checkpoints")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -261,7 +226,7 @@ def tune_experiment(config: TuneConfig, address: str | None = None, resume: bool
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m tuning.run", description=__doc__,
+    parser = parser or argparse.ArgumentParser(prog="python -m tuning.search", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML (tuning/configs/quick.yaml, full-cpu.yaml, gpu-cluster.yaml)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. num_samples=4")
@@ -281,14 +246,10 @@ def load_tune_config(args: argparse.Namespace) -> TuneConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = load_tune_config(args)
-        tune_experiment(config, args.address, args.resume)
-    except (ConfigError, StorageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    """``python -m tuning.search ...`` is ``pneumonia tune ...``: one parser, one way of reporting errors."""
+    from tuning.cli import main as cli_main
+
+    return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

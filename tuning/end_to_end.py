@@ -37,22 +37,23 @@ def resolve_data(data: str | None, log: Callable[[str], None]) -> str:
         ) from None
 
 
-def run_main_job(config_path: str | None = None, address: str | None = None, data: str | None = None,
+def run_end_to_end(config_path: str | None = None, address: str | None = None, data: str | None = None,
                  overrides: list[str] | None = None, port: int = 8000, block: bool = True,
                  log: Callable[[str], None] = print, ingress: str = "auto") -> dict:
     from models.config import load_config
     from serving.client import classify
-    from serving.launch import choose_ingress, serve_forever, serve_model
+    from serving.launch import serve_forever, serve_model, set_ingress_environment
     from tuning.config import TuneConfig
     from tuning.evaluate import evaluate
-    from tuning.run import is_remote, tune_experiment
+    from tuning.experiment import is_remote
+    from tuning.search import run_search
 
     address = address or os.environ.get("RAY_ADDRESS") or None  # inside `ray job submit`: that cluster
     data_path = resolve_data(data, log)
     if not address:  # the local Ray started below serves too: its HTTP ingress is chosen before it starts
-        log(f"HTTP ingress: {choose_ingress(ingress)}")
+        log(f"HTTP ingress: {set_ingress_environment(ingress)}")
     config = load_config(TuneConfig, config_path or DEFAULT_CONFIG, [*(overrides or []), f"train.data.path={data_path}"])
-    best = tune_experiment(config, address, log=log)
+    best = run_search(config, address, log=log)
     experiment = Path(best["checkpoint_path"]).parent if is_remote(config.storage_path) else Path(best["experiment"])
     result = evaluate(experiment=str(experiment), data=data_path,
                       reports_dir=Path("reports"), artifacts_dir=Path("artifacts"), log=log,

@@ -1,0 +1,61 @@
+"""The endpoint's settings, typed and with their defaults in one place.
+
+``serve run serving.app:build_app package=...``, ``serve deploy serving/config.yaml`` (its ``args``) and
+``pneumonia serve`` all build a :class:`ServeSettings`; a wrong key or type is refused, with the key named,
+when the application is built, before any replica starts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from models.errors import PneumoniaError
+
+TOKEN_ENV = "PNEUMONIA_API_TOKEN"
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16}
+
+
+class ServeSettingsError(PneumoniaError, ValueError):
+    """Serving settings (``config.yaml``'s args, ``serve run`` arguments) that do not fit :class:`ServeSettings`."""
+
+
+class ServeSettings(BaseModel):
+    """One deployment of one model package."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    package: str = Field(min_length=1, description="the model package directory (artifacts/VERSION)")
+    replicas: int = Field(0, ge=0, description="a fixed replica count; 0 = autoscaling")
+    autoscaling: dict[str, Any] = Field(default_factory=dict, description="overrides of AUTOSCALING")
+    num_cpus: float = Field(1.0, gt=0, description="per replica; its TensorFlow threads follow")
+    max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0, description="above this a small file is a decompression bomb")
+    auth_token: str = Field("", description=f"bearer token for /predict; empty = ${TOKEN_ENV}, or no auth")
+
+    @classmethod
+    def parse(cls, args: dict[str, Any] | ServeSettings) -> ServeSettings:
+        """Settings from a mapping (YAML args, ``serve run`` key=value pairs), with errors naming the key."""
+        if isinstance(args, cls):
+            return args
+        try:
+            return cls.model_validate(dict(args))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'args'}: {e['msg']}" for e in exc.errors())
+            known = ", ".join(cls.model_fields)
+            raise ServeSettingsError(f"serving settings: {problems} (known keys: {known})") from None
+
+    def token(self) -> str:
+        return self.auth_token or os.environ.get(TOKEN_ENV, "")
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Serve options of the classifier deployment: replicas or autoscaling, CPUs, the package to load."""
+        options: dict[str, Any] = {"user_config": {"package": self.package},
+                                   "ray_actor_options": {"num_cpus": self.num_cpus}}
+        if self.replicas:
+            options.update(num_replicas=self.replicas, autoscaling_config=None)
+        else:
+            options["autoscaling_config"] = {**AUTOSCALING, **self.autoscaling}
+        return options

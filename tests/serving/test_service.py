@@ -1,0 +1,175 @@
+"""The replica's request handling without Serve: auth, request reading, decoding and the answer's shape, with an
+injected stand-in model (milliseconds per test). What only Serve shows is in test_app.py."""
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+from fastapi import HTTPException
+from PIL import Image
+from starlette.requests import Request
+
+from models.package import PackageMetadata
+from serving.service import ClassifierService, authorize, read_image
+from serving.settings import ServeSettings
+
+SIZE = 16
+
+
+class MeanModel:
+    """P(PNEUMONIA) = the mean pixel: bright films are 'pneumonia'; records each call's batch."""
+
+    def __init__(self):
+        self.calls = []
+
+    def predict_on_batch(self, batch):
+        self.calls.append(batch.shape)
+        return batch.reshape(len(batch), -1).mean(axis=1, keepdims=True)
+
+
+def _loader(package):
+    return MeanModel(), PackageMetadata.for_training({}, SIZE).replace(version=f"v-{package}", threshold=0.4)
+
+
+def _service(**settings) -> ClassifierService:
+    service = ClassifierService(ServeSettings(package="p1", **settings), loader=_loader)
+    service.load("p1")
+    return service
+
+
+def _png(value: int, size: int = 24) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (size, size), value).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _noise_png(size: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _request(body: bytes, headers: dict[str, str | bytes]) -> Request:
+    raw = [(k.lower().encode(), v if isinstance(v, bytes) else v.encode()) for k, v in headers.items()]
+    if not any(k == b"content-length" for k, _ in raw):
+        raw.append((b"content-length", str(len(body)).encode()))
+    scope = {"type": "http", "method": "POST", "path": "/predict", "headers": raw, "query_string": b""}
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(scope, receive)
+
+
+def _multipart(data: bytes, content_type: str, field: str = "file") -> tuple[bytes, str]:
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"x\"\r\n"
+            f"Content-Type: {content_type}\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+async def _unbatched(service: ClassifierService, image: np.ndarray) -> tuple[float, int]:
+    return service.predict_batch([image])[0]
+
+
+def _predict(service: ClassifierService, body: bytes, headers: dict) -> dict:
+    async def call():
+        result, batch = await service.predict(_request(body, headers), False, lambda image: _unbatched(service, image))
+        assert batch == 1
+        return result
+
+    return asyncio.run(call())
+
+
+def test_an_answer_has_label_probability_threshold_and_version():
+    service = _service()
+    bright = _predict(service, _png(230), {"content-type": "image/png"})
+    dark = _predict(service, _png(20), {"content-type": "image/png"})
+    assert set(bright) == {"label", "probability", "threshold", "model_version"}
+    assert bright["label"] == "PNEUMONIA" and bright["probability"] == pytest.approx(230 / 255, abs=1e-6)
+    assert dark["label"] == "NORMAL" and dark["threshold"] == 0.4 and dark["model_version"] == "v-p1"
+    assert service.loaded.model.calls[-1] == (1, SIZE, SIZE, 1)  # preprocessed to the package's input size
+
+
+def test_a_batch_is_one_model_call_and_every_answer_knows_its_size():
+    service = _service()
+    images = [np.full((SIZE, SIZE, 1), v, np.float32) for v in (0.1, 0.5, 0.9)]
+    assert service.predict_batch(images) == [(pytest.approx(0.1), 3), (pytest.approx(0.5), 3), (pytest.approx(0.9), 3)]
+    assert service.loaded.model.calls[-1] == (3, SIZE, SIZE, 1)
+
+
+def test_metadata_and_hot_swap():
+    service = _service()
+    assert service.info()["model_version"] == "v-p1" and service.info()["input"]["image_size"] == SIZE
+    service.load("p2")
+    assert service.info()["model_version"] == "v-p2"
+    empty = ClassifierService(ServeSettings(package="p"), loader=_loader)
+    with pytest.raises(RuntimeError, match="no model loaded"):
+        empty.check_health()
+
+
+@pytest.mark.parametrize("header", [None, "", "Bearer wrong", "Basic c2VjcmV0", "Bearer", "bearer  s3cret  x",
+                                    "Bearer s3cr\u00e9t", "Bearer \u00ff\u00fe", "Bearer s3cret\x00"])
+def test_a_missing_wrong_or_odd_token_is_a_401(header):
+    with pytest.raises(HTTPException) as raised:
+        authorize(header, "s3cret")
+    assert raised.value.status_code == 401 and raised.value.headers == {"WWW-Authenticate": "Bearer"}
+
+
+def test_the_right_token_and_no_token_pass():
+    authorize("Bearer s3cret", "s3cret")
+    authorize("bearer   s3cret ", "s3cret")
+    authorize(None, "")
+
+
+def test_latin1_bytes_in_the_authorization_header_are_a_401_not_a_500():
+    service = _service(auth_token="s3cret")
+    with pytest.raises(HTTPException) as raised:
+        _predict(service, _png(100), {"content-type": "image/png", "authorization": b"Bearer t\xe9st"})
+    assert raised.value.status_code == 401
+    assert _predict(service, _png(100), {"content-type": "image/png", "authorization": "Bearer s3cret"})
+
+
+def _read(body: bytes, headers: dict, limit: int = 10_000):
+    return asyncio.run(read_image(_request(body, headers), limit))
+
+
+def test_raw_bodies_and_multipart_uploads_are_read():
+    png = _png(90)
+    assert _read(png, {"content-type": "image/png"}) == (png, "image/png")
+    assert _read(png, {"content-type": "IMAGE/PNG; charset=binary"}) == (png, "image/png")
+    body, content_type = _multipart(png, "image/png")
+    assert _read(body, {"content-type": content_type}) == (png, "image/png")
+    body, content_type = _multipart(png, "application/octet-stream")  # the bytes say what they are
+    assert _read(body, {"content-type": content_type}) == (png, "image/png")
+
+
+@pytest.mark.parametrize("body,headers,status,detail", [
+    (b"x", {}, 415, "unsupported Content-Type '(none)'"),
+    (b"x", {"content-type": "text/plain"}, 415, "unsupported Content-Type 'text/plain'"),
+    (b"x", {"content-type": "\u00e9\u00ff/png"}, 415, "unsupported Content-Type"),
+    (b"x" * 20_000, {"content-type": "image/png"}, 413, "exceeds the limit of 10000"),
+    (b"x", {"content-type": "image/png", "content-length": "99999"}, 413, "99999 bytes exceeds"),
+    (b"x", {"content-type": "image/png", "content-length": "12abc"}, 400, "is not a byte count"),
+    (b"x", {"content-type": "image/png", "content-length": "-5"}, 400, "is not a byte count"),
+    (b"x", {"content-type": "image/png", "content-length": "\u00b2"}, 400, "is not a byte count"),
+    (*_multipart(b"x", "image/png", field="image")[:1], {}, 400, "missing multipart field 'file'"),
+    (*_multipart(b"plain text", "text/plain")[:1], {}, 415, "unsupported upload type 'text/plain'"),
+])
+def test_bad_requests_get_a_4xx_naming_the_problem(body, headers, status, detail):
+    if not headers:  # the multipart cases: their boundary
+        headers = {"content-type": "multipart/form-data; boundary=b0undary"} if body.startswith(b"--") else {}
+    with pytest.raises(HTTPException) as raised:
+        _read(body, headers)
+    assert raised.value.status_code == status and detail in raised.value.detail
+
+
+@pytest.mark.parametrize("body,detail", [(b"", "empty request body"), (b"GIF89a nonsense", "not a readable image"),
+                                         (_noise_png()[:2000], "could not be decoded"), (_png(1, size=400), "exceeds the limit")])
+def test_undecodable_images_are_a_400_and_the_service_answers_after(body, detail):
+    service = _service(max_pixels=100_000)
+    with pytest.raises(HTTPException) as raised:
+        _predict(service, body, {"content-type": "image/png"})
+    assert raised.value.status_code == 400 and detail in raised.value.detail
+    assert _predict(service, _png(200), {"content-type": "image/png"})["label"] == "PNEUMONIA"

@@ -1,0 +1,71 @@
+"""The search space and the tuning config: what a trial samples and which configs are refused."""
+
+import optuna
+import pytest
+
+from models.config import ConfigError, load_config
+from tuning.config import TuneConfig
+from tuning.experiment import StorageError, check_storage, join_uri, study_storage_url
+from tuning.search_space import DefineByRun, random_space, to_overrides
+from tuning.trainable import trial_config
+
+
+def test_define_by_run_picks_a_family_then_only_its_parameters():
+    config = load_config(TuneConfig, overrides=["space.augment=[0.75, 1.5]"])
+    space = DefineByRun(config.space)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0), direction="maximize")
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        params = space(trial)
+        family = params["model.family"]
+        seen.add(family)
+        if family == "cnn":
+            assert "model.depth" in params and "model.trainable_blocks" not in params
+            assert params["model.image_size"] in config.space.cnn_image_sizes
+        else:
+            assert "model.trainable_blocks" in params and "model.depth" not in params
+            assert params["model.image_size"] >= 75
+        assert 0.75 <= params["data.augment"] <= 1.5  # the configured floor holds
+        trained = trial_config({}, params)  # every sample is a valid TrainConfig
+        assert trained.model.family == family and trained.model.image_size == params["model.image_size"]
+        study.tell(trial, 0.5)
+    assert seen == {"cnn", "inception"}
+
+
+def test_random_space_resolves_the_family_image_size():
+    params = {"model.family": "inception", "cnn.image_size": 64, "inception.image_size": 96, "learning_rate": 1e-3}
+    assert sorted(to_overrides(params)) == ["learning_rate=0.001", "model.family=inception", "model.image_size=96"]
+    assert set(random_space(load_config(TuneConfig).space)) >= {"model.family", "cnn.image_size"}
+
+
+def test_multi_node_with_local_storage_is_refused_up_front():
+    config = load_config(TuneConfig, overrides=["storage_path=/tmp/x"])
+    check_storage(config, 1)
+    with pytest.raises(StorageError, match="local path.*2 nodes.*s3://"):
+        check_storage(config, 2)
+    check_storage(load_config(TuneConfig, overrides=["storage_path=s3://b/x"]), 3)
+    check_storage(load_config(TuneConfig, overrides=["storage_path=/nfs/x", "shared_storage=true"]), 3)
+
+
+def test_uris_keep_their_query_last_and_study_defaults_beside_local_experiments(tmp_path):
+    uri = "s3://bucket/exp?endpoint_override=127.0.0.1:5055&scheme=http"
+    assert join_uri(uri, "quick", "best.json") == "s3://bucket/exp/quick/best.json?endpoint_override=127.0.0.1:5055&scheme=http"
+    config = load_config(TuneConfig, overrides=[f"storage_path={tmp_path}", "name=n"])
+    assert study_storage_url(config) == f"sqlite:///{tmp_path}/n-optuna.db"
+
+
+@pytest.mark.parametrize("path", ["tuning/configs/quick.yaml", "tuning/configs/full-cpu.yaml",
+                                  "tuning/configs/gpu-cluster.yaml"])
+def test_shipped_tune_configs_load(path):
+    config = load_config(TuneConfig, path)
+    assert config.num_samples >= 1 and config.train.epochs >= config.grace_period
+
+
+def test_bad_tune_config_is_refused():
+    with pytest.raises(ConfigError, match="grace_period"):
+        load_config(TuneConfig, overrides=["train.epochs=2", "grace_period=3"])
+    with pytest.raises(ConfigError, match="families"):
+        load_config(TuneConfig, overrides=["space.families=[resnet]"])
+    with pytest.raises(ConfigError, match="augment must be"):
+        load_config(TuneConfig, overrides=["space.augment=[1.0, 0.5]"])

@@ -8,6 +8,7 @@ train/validation boundary, or validation scores measure memory instead of genera
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import os
@@ -28,13 +29,15 @@ _PATIENT_PATTERNS = (
     re.compile(r"^(person\d+)_"),  # person1234_bacteria_5678.jpeg
     re.compile(r"^((?:NORMAL2-)?IM-\d+)-"),  # IM-0115-0001.jpeg, NORMAL2-IM-0927-0001.jpeg
 )
-# What else a Kermany file name tells: the pneumonia's cause, or the series a normal film came in.
+# What else a Kermany file name tells: the pneumonia's cause, or the series a normal film came in, and the
+# patient's number in that series (one numbering across train and test).
 _SUBGROUP_PATTERNS = (
-    (re.compile(r"^person\d+_bacteria_"), "bacterial pneumonia"),
-    (re.compile(r"^person\d+_virus_"), "viral pneumonia"),
-    (re.compile(r"^NORMAL2-IM-"), "normal, NORMAL2- series"),
-    (re.compile(r"^IM-"), "normal, IM- series"),
+    (re.compile(r"^person(\d+)_bacteria_"), "bacterial pneumonia"),
+    (re.compile(r"^person(\d+)_virus_"), "viral pneumonia"),
+    (re.compile(r"^NORMAL2-IM-(\d+)-"), "normal, NORMAL2- series"),
+    (re.compile(r"^IM-(\d+)-"), "normal, IM- series"),
 )
+VALIDATION_SCHEMES = ("grouped", "block")
 
 
 class DataLayoutError(PneumoniaError, ValueError):
@@ -51,10 +54,20 @@ def patient_id(filename: str) -> str:
     return os.path.splitext(name)[0]
 
 
+def series_number(filename: str) -> tuple[str, int | None]:
+    """(subgroup, patient number) a Kermany file name encodes: bacterial/viral pneumonia or the series of a
+    normal film, and the patient's number in it; ("other", None) for names that tell neither."""
+    name = os.path.basename(filename)
+    for pattern, group in _SUBGROUP_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return group, int(match.group(1))
+    return "other", None
+
+
 def subgroup(filename: str) -> str:
     """The subgroup a Kermany file name encodes (bacterial/viral pneumonia, series of a normal film)."""
-    name = os.path.basename(filename)
-    return next((group for pattern, group in _SUBGROUP_PATTERNS if pattern.match(name)), "other")
+    return series_number(filename)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +185,33 @@ def find_unreadable(paths: list[str], workers: int | None = None) -> list[str]:
     return [p for p, good in zip(paths, ok) if not good]
 
 
+def find_unreadable_cached(paths: list[str]) -> list[str]:
+    """:func:`find_unreadable`, remembered in the cache dir for this exact set of files (path, size, modification
+    time): every trial of a search lists the data, and decoding all of it each time cost seconds per trial."""
+    import json
+
+    from models.download import default_cache_dir
+
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = os.stat(path)
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    cached = default_cache_dir() / "unreadable" / f"{digest.hexdigest()[:32]}.json"
+    try:
+        return json.loads(cached.read_text())
+    except (OSError, ValueError):
+        pass
+    unreadable = find_unreadable(paths)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cached.with_name(f".{cached.name}.{os.getpid()}")
+        temporary.write_text(json.dumps(unreadable))
+        os.replace(temporary, cached)  # whole or absent, with trials writing side by side
+    except OSError:
+        pass  # a read-only cache only costs the decode next time
+    return unreadable
+
+
 def _folder_split(name: str, folder: Path, unreadable: set[str]) -> Split:
     paths, labels = _list_folder_split(folder)
     keep = [i for i, p in enumerate(paths) if p not in unreadable]
@@ -211,6 +251,39 @@ def grouped_split(pool: Split, val_fraction: float, seed: int) -> tuple[Split, S
     return pool.subset(np.sort(train_index), "train"), pool.subset(np.sort(val_index), "val")
 
 
+def block_split(pool: Split, val_fraction: float) -> tuple[Split, Split]:
+    """Carve validation as the test split was drawn: in each class and series, the lowest-numbered patients
+    (the ones next to the test split's block), whole patients, about the same share as :func:`grouped_split`.
+
+    Kermany's test split holds the lowest block of each normal series and a contiguous block of bacterial
+    patients, so a validation carved at random cannot show what differs there; the adjacent patients can.
+    Bacterial and viral films share one numbering of children, so they are one series here. Names that tell
+    no series or number ("other") are ordered by patient id.
+    """
+    if pool.paths is None:
+        raise DataLayoutError("data.validation=block needs Kermany file names; MedMNIST keeps its own validation split")
+    fraction = 1.0 / max(2, round(1.0 / val_fraction))  # the share of one of grouped_split's k folds
+    named = [series_number(p) for p in pool.paths]
+    # bacterial and viral films share one numbering of children (person123_bacteria_..., person123_virus_...)
+    groups = np.asarray(["pneumonia" if group.endswith("pneumonia") else group for group, _ in named])
+    numbers = np.asarray([-1 if number is None else number for _, number in named])
+    held_out: set[str] = set()
+    for label in (0, 1):
+        for group in np.unique(groups[pool.labels == label]):
+            member = np.flatnonzero((pool.labels == label) & (groups == group))
+            order = member[np.lexsort((pool.patients[member], numbers[member]))]
+            films = collections.Counter(pool.patients[member])
+            taken = sum(films[patient] for patient in held_out)  # children already held out with another series
+            for patient in dict.fromkeys(pool.patients[order]):  # ascending patient number, each once
+                if taken >= fraction * len(member):
+                    break
+                if patient not in held_out:
+                    held_out.add(patient)
+                    taken += films[patient]
+    val = np.isin(pool.patients, list(held_out))  # every film of a held-out child, whatever its series
+    return pool.subset(np.flatnonzero(~val), "train"), pool.subset(np.flatnonzero(val), "val")
+
+
 def stratified_subset(split: Split, limit: int, seed: int) -> Split:
     """At most ``limit`` images of ``split``, with its class balance (for smoke runs)."""
     if not limit or limit >= len(split):
@@ -241,8 +314,15 @@ def load_splits(
     max_train_images: int = 0,
     max_val_images: int = 0,
     check_files: bool = True,
+    validation: str = "grouped",
 ) -> DataSplits:
-    """List train/val/test of any supported layout; unreadable files are reported and left out."""
+    """List train/val/test of any supported layout; unreadable files are reported and left out.
+
+    ``validation``: ``grouped`` (a seeded patient-grouped fold, :func:`grouped_split`) or ``block`` (the
+    lowest-numbered patients of each series, :func:`block_split`); MedMNIST keeps its own validation split.
+    """
+    if validation not in VALIDATION_SCHEMES:
+        raise DataLayoutError(f"validation must be one of {', '.join(VALIDATION_SCHEMES)}, got {validation!r}")
     layout, source = detect_layout(resolve_data_path(path))
     if layout == "medmnist":
         with np.load(source) as data:
@@ -256,7 +336,7 @@ def load_splits(
         if layout == "kaggle":
             listed["val"] = _list_folder_split(source / "val")[0]
         all_paths = [p for paths in listed.values() for p in paths]
-        unreadable = find_unreadable(all_paths) if check_files else []
+        unreadable = find_unreadable_cached(all_paths) if check_files else []
         bad = set(unreadable)
         train_pool = _folder_split("train", folders["train"], bad)
         if layout == "kaggle":  # Kaggle's 16-image val folder joins the pool the split is carved from
@@ -275,12 +355,31 @@ def load_splits(
                     f"{source}/{split.name} has no readable images of class {', '.join(missing)}; "
                     f"expected {EXPECTED_LAYOUT}"
                 )
-        train, val = grouped_split(train_pool, val_fraction, seed)
+        if validation == "block":
+            train, val = block_split(train_pool, val_fraction)
+        else:
+            train, val = grouped_split(train_pool, val_fraction, seed)
     fingerprint = _fingerprint(layout, source, [train, val], val_fraction, seed)
     test_fingerprint = _fingerprint(layout, source, [test], 0.0, 0)
     train = stratified_subset(train, max_train_images, seed)
     val = stratified_subset(val, max_val_images, seed)
     return DataSplits(train, val, test, layout, str(source), tuple(unreadable), fingerprint, test_fingerprint)
+
+
+def series_ranges(splits: DataSplits) -> list[dict]:
+    """Per split and file-name series: images, patients and the range of patient numbers (where names tell)."""
+    rows = []
+    for split in (splits.train, splits.val, splits.test):
+        if split.paths is None:
+            continue
+        named = [series_number(p) for p in split.paths]
+        for group in sorted({g for g, _ in named}):
+            numbers = [n for g, n in named if g == group and n is not None]
+            patients = {pat for pat, (g, _) in zip(split.patients, named) if g == group}
+            rows.append({"split": split.name, "series": group, "images": sum(g == group for g, _ in named),
+                         "patients": len(patients), "first": min(numbers, default=None),
+                         "last": max(numbers, default=None)})
+    return rows
 
 
 def summarize(splits: DataSplits) -> dict:
@@ -298,6 +397,7 @@ def summarize(splits: DataSplits) -> dict:
         "splits": per_split,
         "train_plus_val": len(splits.train) + len(splits.val),
         "patient_overlap": splits.patient_overlap,
+        "series": series_ranges(splits),
         "unreadable": list(splits.unreadable),
         "fingerprint": splits.fingerprint,
         "test_fingerprint": splits.test_fingerprint,

@@ -17,9 +17,13 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from models.calibration import Calibration
 from models.config import ConfigError, from_dict
 from models.dataset import CLASS_NAMES
 from models.errors import PneumoniaError
+from models.ood import OodGate, OodScorer
 from models.preprocessing import InputContract
 
 MODEL_FILE = "model.keras"
@@ -83,19 +87,27 @@ class PackageMetadata:
     test_confusion_matrix: list[list[int]] = dataclasses.field(default_factory=list)
     confidence_intervals: dict = dataclasses.field(default_factory=dict)
     source: dict = dataclasses.field(default_factory=dict)  # experiment, trial, model sha256
+    calibration: Calibration | None = None  # fitted on validation by evaluation; None = the model's own output
+    ood: OodGate | None = None  # the out-of-distribution gate fitted by evaluation; None = every input is classified
     versions: dict = dataclasses.field(default_factory=package_versions)
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
-    def for_training(cls, config: dict, image_size: int, **fields: Any) -> PackageMetadata:
+    def for_training(cls, config: dict, contract: InputContract | int, **fields: Any) -> PackageMetadata:
         """A checkpoint's metadata: threshold 0.5 until evaluation chooses one on validation."""
-        return cls(class_names=list(CLASS_NAMES), positive_class=CLASS_NAMES[1], input=InputContract(image_size),
+        contract = contract if isinstance(contract, InputContract) else InputContract(contract)
+        return cls(class_names=list(CLASS_NAMES), positive_class=CLASS_NAMES[1], input=contract,
                    config=config, threshold=0.5, threshold_method="default 0.5 (not yet chosen on validation)",
                    created_at=utc_now(), **fields)
 
     @property
     def image_size(self) -> int:
         return self.input.image_size
+
+    def probabilities(self, model_output) -> np.ndarray:
+        """What evaluation scores and serving answers: the model's P(PNEUMONIA), calibrated if fitted."""
+        raw = np.asarray(model_output, dtype=np.float64).reshape(-1)
+        return raw if self.calibration is None else self.calibration.apply(raw)
 
     def replace(self, **changes: Any) -> PackageMetadata:
         return dataclasses.replace(self, **changes)
@@ -151,7 +163,8 @@ def file_sha256(path: str | Path) -> str:
 
 def _finish(directory: Path, metadata: PackageMetadata) -> Path:
     metadata.write(directory)
-    sums = "".join(f"{file_sha256(directory / name)}  {name}\n" for name in (MODEL_FILE, METADATA_FILE))
+    names = [MODEL_FILE, METADATA_FILE, *([metadata.ood.file] if metadata.ood else [])]
+    sums = "".join(f"{file_sha256(directory / name)}  {name}\n" for name in names)
     (directory / CHECKSUM_FILE).write_text(sums)
     return directory
 
@@ -164,14 +177,20 @@ def save_model_dir(model, metadata: PackageMetadata, directory: str | Path) -> P
     return _finish(directory, metadata)
 
 
-def write_package(source_dir: str | Path, metadata: PackageMetadata, directory: str | Path) -> Path:
-    """A deployable package: the verified ``model.keras`` of ``source_dir`` byte for byte, new metadata."""
+def write_package(source_dir: str | Path, metadata: PackageMetadata, directory: str | Path,
+                  ood: OodScorer | None = None) -> Path:
+    """A deployable package: the verified ``model.keras`` of ``source_dir`` byte for byte, new metadata, and
+    the fitted OOD scorer that ``metadata.ood`` describes."""
     source_dir, directory = Path(source_dir), Path(directory)
     verify_model_dir(source_dir)
+    if (ood is None) != (metadata.ood is None):
+        raise ValueError("an OOD scorer and metadata.ood go together")
     if directory.exists():
         raise PackageError(f"{directory} already exists; packages are never overwritten")
     directory.mkdir(parents=True)
     shutil.copyfile(source_dir / MODEL_FILE, directory / MODEL_FILE)
+    if ood is not None:
+        (directory / metadata.ood.file).write_bytes(ood.to_bytes())
     return _finish(directory, metadata)
 
 
@@ -182,6 +201,8 @@ def verify_model_dir(directory: str | Path) -> None:
             raise PackageError(f"{directory} is not a model directory: {name} is missing")
     for line in (directory / CHECKSUM_FILE).read_text().splitlines():
         expected, _, name = line.partition("  ")
+        if not (directory / name).is_file():
+            raise PackageError(f"{directory} is not a whole package: {name} is missing")
         if file_sha256(directory / name) != expected:
             raise PackageError(
                 f"checksum mismatch for {directory / name}: the file changed after the package was written; "
@@ -191,6 +212,13 @@ def verify_model_dir(directory: str | Path) -> None:
 
 def read_metadata(directory: str | Path) -> PackageMetadata:
     return PackageMetadata.read(directory)
+
+
+def load_ood_scorer(directory: str | Path, metadata: PackageMetadata) -> OodScorer | None:
+    """The package's fitted OOD scorer (checksummed with the rest), or None for a package without a gate."""
+    if metadata.ood is None:
+        return None
+    return OodScorer.load(metadata.ood.method, Path(directory) / metadata.ood.file)
 
 
 def load_model_dir(directory: str | Path, compile: bool = False):

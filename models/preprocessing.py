@@ -1,14 +1,21 @@
 """The one preprocessing function: image -> grayscale float32 in [0, 1] at the model's size.
 
 Training (tf.data), evaluation and serving all call :func:`preprocess` (and :func:`decode_image`
-for encoded bytes), so a served prediction sees exactly the pixels an evaluated one saw.
+for encoded bytes), so a served prediction sees exactly the pixels an evaluated one saw. The intensity
+normalisation a model was trained with is part of its :class:`InputContract`, recorded in its package.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+# none: as decoded. percentile: each film's 1st-99th percentile stretched to [0, 1], so its black level
+# (which differs between the classes in Kermany's train split) carries no signal. equalize: histogram
+# equalisation of each film (Keras' Equalization layer, 256 bins).
+INTENSITY_METHODS = ("none", "percentile", "equalize")
+PERCENTILES = (0.01, 0.99)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +29,7 @@ class InputContract:
     value_range: list[float] = dataclasses.field(default_factory=lambda: [0.0, 1.0])
     channels: int = 1
     dtype: str = "float32"
+    intensity: str = "none"  # one of INTENSITY_METHODS, applied after the resize
 
 
 def decode_image(data):
@@ -36,8 +44,34 @@ def decode_image(data):
     return image
 
 
-def preprocess(images, image_size: int):
-    """uint8/uint16/float [0, 1] images -> float32 (..., S, S, 1) in [0, 1].
+@functools.cache
+def _equalizer():
+    import keras
+
+    return keras.layers.Equalization(value_range=(0.0, 1.0), bins=256, dtype="float32")
+
+
+def normalize_intensity(images, method: str):
+    """Per-film intensity normalisation of float32 (..., S, S, 1) images in [0, 1] (see INTENSITY_METHODS)."""
+    import tensorflow as tf
+
+    if method == "none":
+        return images
+    if method == "equalize":  # one film at a time: the layer pools the histogram over a batch
+        if images.shape.rank == 4:
+            return tf.map_fn(_equalizer(), images)
+        return _equalizer()(images)
+    if method != "percentile":
+        raise ValueError(f"intensity must be one of {', '.join(INTENSITY_METHODS)}, got {method!r}")
+    pixels = tf.sort(tf.reshape(images, tf.concat([tf.shape(images)[:-3], [-1]], axis=0)), axis=-1)
+    last = tf.cast(tf.shape(pixels)[-1] - 1, tf.float32)
+    low, high = (pixels[..., tf.cast(tf.round(q * last), tf.int32)] for q in PERCENTILES)
+    low, high = low[..., tf.newaxis, tf.newaxis, tf.newaxis], high[..., tf.newaxis, tf.newaxis, tf.newaxis]
+    return tf.clip_by_value((images - low) / tf.maximum(high - low, 1e-3), 0.0, 1.0)
+
+
+def preprocess(images, image_size: int, intensity: str = "none"):
+    """uint8/uint16/float [0, 1] images -> float32 (..., S, S, 1) in [0, 1], intensity-normalised.
 
     Takes one (H, W) grayscale image, or (H, W, C) / (N, H, W, C) with C = 1, 3 or 4.
     """
@@ -57,4 +91,4 @@ def preprocess(images, image_size: int):
         # film stored as RGB gives exactly the values of the same film stored as one channel.
         images = tf.tensordot(images, tf.constant(LUMA_WEIGHTS), axes=[[-1], [0]])[..., tf.newaxis]
     images = tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
-    return tf.clip_by_value(images, 0.0, 1.0)
+    return normalize_intensity(tf.clip_by_value(images, 0.0, 1.0), intensity)

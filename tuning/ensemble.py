@@ -3,9 +3,9 @@
 Why: the leading trials of a search all reach a validation AUC near 1 on a split carved from train, so
 picking the single best among them is close to a coin toss, while each one makes its own mistakes on films
 unlike the training ones. Averaging a few is the standard way to gain robustness without looking at test.
-Members are the best trials by validation AUC that share the best trial's input size, so the one
-preprocessing function feeds them all; the result is an ordinary model directory that evaluation, export
-and serving take as they are.
+Members are the best trials by validation AUC that share the best trial's input contract (size and
+intensity normalisation), so the one preprocessing function feeds them all; the result is an ordinary model
+directory that evaluation, export and serving take as they are.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tuning.experiment import METRIC, MODE, SearchError, is_remote
 
 def top_members(experiment: str, size: int) -> list[EnsembleMember]:
     """The ``size`` best trials of ``experiment`` (local dir or storage URI) by their best validation AUC,
-    each with its best checkpoint, among those taking the best trial's input size."""
+    each with its best checkpoint, among those taking the best trial's input (size and intensity normalisation)."""
     from ray.tune import ExperimentAnalysis
 
     from models.download import default_cache_dir
@@ -35,13 +35,14 @@ def top_members(experiment: str, size: int) -> list[EnsembleMember]:
         path = checkpoint.path
         if is_remote(experiment):
             path = checkpoint.to_directory(str(default_cache_dir() / "checkpoints" / trial.trial_id / Path(path).name))
-        model_config = read_metadata(path).config["model"]
-        ranked.append(EnsembleMember(trial.trial_id, model_config["family"], int(model_config["image_size"]),
-                                     float(best_auc), str(path)))
-    ranked.sort(key=lambda member: member.val_auc, reverse=True)
+        metadata = read_metadata(path)
+        ranked.append((EnsembleMember(trial.trial_id, metadata.config["model"]["family"], metadata.image_size,
+                                      float(best_auc), str(path)), metadata.input))
+    ranked.sort(key=lambda pair: pair[0].val_auc, reverse=True)
     if not ranked:
         raise SearchError(f"no trial of {experiment} reported a checkpoint with {METRIC}")
-    return [m for m in ranked if m.image_size == ranked[0].image_size][:size]
+    best_input = ranked[0][1]  # one preprocessing (size, intensity normalisation) feeds every member
+    return [member for member, contract in ranked if contract == best_input][:size]
 
 
 def build_ensemble(members: list[EnsembleMember], directory: str | Path) -> Path:

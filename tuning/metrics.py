@@ -44,6 +44,35 @@ def youden_threshold(labels, probabilities) -> float:
     return float(thresholds[best])
 
 
+def youden_plateau(labels, probabilities, tolerance: float = 0.01) -> tuple[float, float, float]:
+    """(threshold, low, high): the centre of the thresholds whose Youden's J lies within ``tolerance`` of the
+    best, contiguous with the best. When J is flat over a wide range, as on a validation split the model
+    separates well, the single best point is close to arbitrary; the centre of the plateau is not."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(*_as_arrays(labels, probabilities), drop_intermediate=False)
+    finite = np.isfinite(thresholds)
+    j = np.where(finite, tpr - fpr, -np.inf)
+    best = int(np.argmax(j))
+    near = j >= j[best] - tolerance
+    first = last = best  # thresholds descend with the index
+    while first > 0 and near[first - 1]:
+        first -= 1
+    while last < len(j) - 1 and near[last + 1]:
+        last += 1
+    high, low = float(thresholds[first]), float(thresholds[last])
+    return (high + low) / 2, low, high
+
+
+def youden_curve(labels, probabilities) -> tuple[np.ndarray, np.ndarray]:
+    """(thresholds, J) at every distinct score: for the J-curve plot."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(*_as_arrays(labels, probabilities), drop_intermediate=False)
+    finite = np.isfinite(thresholds)
+    return thresholds[finite], (tpr - fpr)[finite]
+
+
 def sensitivity_threshold(labels, probabilities, target: float) -> float:
     """The highest threshold whose sensitivity is still >= ``target`` (screening use)."""
     from sklearn.metrics import roc_curve

@@ -16,6 +16,7 @@ import numpy as np
 from models.config import to_dict
 from models.dataset import DataSplits, load_splits
 from models.package import PackageMetadata
+from models.preprocessing import InputContract
 from tuning.config import TrainConfig
 from tuning.experiment import METRIC, MODE
 from tuning.metrics import clinical_metrics
@@ -33,7 +34,8 @@ class FitResult:
 
 def load_data(config: TrainConfig) -> DataSplits:
     d = config.data
-    return load_splits(d.path, d.val_fraction, d.seed, d.max_train_images, d.max_val_images)
+    return load_splits(d.path, d.val_fraction, d.seed, d.max_train_images, d.max_val_images,
+                       validation=d.validation)
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int):
@@ -122,16 +124,17 @@ def fit(
     import keras
 
     from models.networks import build_model
-    from models.pipeline import class_weights, make_dataset
+    from models.pipeline import Augmentation, class_weights, make_dataset
     from models.runtime import configure_tensorflow
 
     runtime = runtime or configure_tensorflow(config.threads, config.mixed_precision)
     keras.utils.set_random_seed(config.seed)
     splits = splits or load_data(config)
     d, m = config.data, config.model
-    train_ds = make_dataset(splits.train, m.image_size, config.batch_size, training=True, augment=d.augment,
-                            class_balance=d.class_balance, seed=config.seed)
-    val_ds = make_dataset(splits.val, m.image_size, VAL_BATCH_SIZE)
+    train_ds = make_dataset(splits.train, m.image_size, config.batch_size, training=True,
+                            augment=Augmentation.from_config(d), class_balance=d.class_balance, seed=config.seed,
+                            intensity=d.intensity)
+    val_ds = make_dataset(splits.val, m.image_size, VAL_BATCH_SIZE, intensity=d.intensity)
     steps = math.ceil(len(splits.train) / config.batch_size)
     if model is None:
         model = build_model(m)
@@ -164,7 +167,7 @@ def model_metadata(config: TrainConfig, splits: DataSplits, result: FitResult) -
     best = next((e for e in result.history if e["epoch"] == result.best_epoch), result.history[-1])
     return PackageMetadata.for_training(
         to_dict(config),
-        config.model.image_size,
+        InputContract(config.model.image_size, intensity=config.data.intensity),
         data={
             "source": splits.source,
             "layout": splits.layout,

@@ -17,6 +17,7 @@ from typing import Any
 from tuning.experiment import BEST_SO_FAR, METRIC
 
 STATE_FILE = "trainer_state.json"
+TRIAL_LOG = "trial.log"
 REPORTED = ("loss", "accuracy", "val_loss", "val_accuracy", METRIC, "val_sensitivity", "val_specificity",
             "images_per_sec", "train_seconds")
 
@@ -93,6 +94,13 @@ def report_to_tune(config, splits, runtime: dict, state: TrialState, placement: 
     return ReportToTune()
 
 
+def log(line: str) -> None:
+    """A trial's own log: ``trial.log`` in its working dir, synced into its trial dir (the console shows the
+    driver's progress lines instead)."""
+    with open(TRIAL_LOG, "a") as f:
+        f.write(f"[{time.strftime('%H:%M:%S')}] {line}\n")
+
+
 def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -> None:
     """Tune entry point: ``tune.with_parameters(train_trial, base=..., checkpoint_every=...)``."""
     import ray
@@ -104,13 +112,14 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
     entered = time.perf_counter()
     config = trial_config(base, params)
     config = dataclasses.replace(config, name=f"{config.name}-{tune.get_context().get_trial_id()}")
+    log(f"trial {config.name}: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
     # Threads and GPU memory growth before any TF op; fractional GPUs then share a card.
     runtime = configure_tensorflow(_trial_cpus(), config.mixed_precision)
     splits = load_data(config)
     model, state = None, TrialState()
     if checkpoint := tune.get_checkpoint():
         model, state = restore_checkpoint(checkpoint)
-        print(f"resuming trial from its checkpoint at epoch {state.epoch}")
+        log(f"resuming trial from its checkpoint at epoch {state.epoch}")
         if state.epoch >= config.epochs:  # stopped right after its last epoch: nothing left to train
             return
     placement = {
@@ -119,8 +128,7 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
         "start_epoch": state.epoch,  # > 0 after a restart from a checkpoint
     }
     callback = report_to_tune(config, splits, runtime, state, placement, checkpoint_every, entered)
-    fit(config, splits, model=model, initial_epoch=state.epoch, callbacks=[callback], runtime=runtime,
-        log=lambda line: print(line, flush=True))
+    fit(config, splits, model=model, initial_epoch=state.epoch, callbacks=[callback], runtime=runtime, log=log)
 
 
 def trial_dirname(trial) -> str:

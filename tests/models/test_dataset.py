@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from models.dataset import DataLayoutError, Split, load_splits, patient_id, subgroup
+from models.dataset import DataLayoutError, Split, block_split, load_splits, patient_id, series_number, subgroup
 from tests.conftest import write_split
 from tuning.cli import main
 
@@ -153,3 +153,67 @@ def test_real_data_counts_and_zero_patient_overlap(real_data, capsys):
     # the validation split keeps the class balance of train (stratified)
     val_share = splits["val"]["NORMAL"] / splits["val"]["total"]
     assert abs(val_share - 1341 / 5216) < 0.03
+
+
+def test_block_validation_holds_out_the_lowest_numbered_patients_of_each_series(tmp_path):
+    """As the test split was drawn: per class and series the lowest patient numbers, whole patients."""
+    root = tmp_path / "data"
+    write_split(root / "train", patients=28, per_patient=2, seed=1, offset=100)
+    write_split(root / "test", patients=4, seed=2)
+    splits = load_splits(root, val_fraction=0.25, validation="block")
+    assert splits.patient_overlap == 0 and len(splits.train) + len(splits.val) == 112
+    assert splits.val.counts() == {"NORMAL": 14, "PNEUMONIA": 14}  # a quarter of each class: 7 of 28 patients
+    for label in (0, 1):
+        val = {series_number(p)[1] for p in splits.val.paths[splits.val.labels == label]}
+        train = {series_number(p)[1] for p in splits.train.paths[splits.train.labels == label]}
+        assert val == set(range(100, 107)) and min(train) == 107
+    grouped = load_splits(root, val_fraction=0.25, validation="grouped")
+    assert grouped.fingerprint != splits.fingerprint  # the split is part of what a model was trained on
+    with pytest.raises(DataLayoutError, match="validation must be one of grouped, block"):
+        load_splits(root, validation="random")
+
+
+def test_block_validation_needs_file_names(npz_file):
+    with pytest.raises(DataLayoutError, match="needs Kermany file names"):
+        block_split(load_splits(npz_file).train, 0.15)
+
+
+def test_series_numbers_follow_kermany_file_names():
+    assert series_number("/x/person78_bacteria_380.jpeg") == ("bacterial pneumonia", 78)
+    assert series_number("person1685_virus_2903.jpeg") == ("viral pneumonia", 1685)
+    assert series_number("NORMAL2-IM-0381-0001.jpeg") == ("normal, NORMAL2- series", 381)
+    assert series_number("IM-0111-0001.jpeg") == ("normal, IM- series", 111)
+    assert series_number("scan.png") == ("other", None)
+
+
+@pytest.mark.real_data
+def test_block_validation_on_the_real_data_sits_next_to_the_test_block(real_data, capsys):
+    """Sized like the grouped split; every series' validation patients are numbered below its training ones
+    and just above the test split's normal series (IM- 1-111, NORMAL2- 7-381)."""
+    assert main(["data", "check", "--data", str(real_data), "--validation", "block", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert abs(summary["splits"]["val"]["total"] - 746) < 40 and summary["patient_overlap"] == 0
+    ranges = {(row["split"], row["series"]): row for row in summary["series"]}
+    for series in ("normal, IM- series", "normal, NORMAL2- series", "bacterial pneumonia", "viral pneumonia"):
+        assert ranges[("val", series)]["last"] < ranges[("train", series)]["first"]
+    for series in ("normal, IM- series", "normal, NORMAL2- series"):
+        assert ranges[("test", series)]["last"] < ranges[("val", series)]["first"]
+    assert main(["data", "check", "--data", str(real_data), "--validation", "block"]) == 0
+    printed = capsys.readouterr().out
+    assert "val    normal, IM- series" in printed and "patient numbers" in printed
+
+
+def test_the_unreadable_file_check_is_remembered_until_a_file_changes(mendeley_dir, tmp_path, monkeypatch):
+    import models.dataset
+
+    monkeypatch.setenv("PNEUMONIA_CACHE", str(tmp_path / "cache"))
+    assert load_splits(mendeley_dir).unreadable == ()
+    decoded = []
+    monkeypatch.setattr(models.dataset, "find_unreadable", lambda paths: decoded.append(paths) or [])
+    assert load_splits(mendeley_dir).unreadable == ()
+    assert decoded == []  # the same files: not decoded again
+    victim = next((mendeley_dir / "train" / "NORMAL").iterdir())
+    victim.write_bytes(b"not a jpeg any more")
+    monkeypatch.undo()
+    monkeypatch.setenv("PNEUMONIA_CACHE", str(tmp_path / "cache"))
+    assert load_splits(mendeley_dir).unreadable == (str(victim),)

@@ -67,16 +67,71 @@ def test_training_pipeline_shuffles_augments_and_keeps_range(mendeley_dir):
 
 
 def test_oversampling_balances_classes(npz_file):
+    import keras
+
+    keras.utils.set_random_seed(0)  # the global seed too: the draws must not depend on earlier tests
     splits = load_splits(npz_file)
     unbalanced = splits.train.subset(np.r_[np.flatnonzero(splits.train.labels == 0)[:4],
                                            np.flatnonzero(splits.train.labels == 1)])
     ds = make_dataset(unbalanced, 28, batch_size=12, training=True, class_balance="oversample", seed=0)
     labels = np.concatenate([y.numpy() for _ in range(10) for _, y in ds])
     assert len(labels) == 10 * len(unbalanced)
-    assert 0.4 < labels.mean() < 0.6  # 4 NORMAL vs 20 PNEUMONIA, drawn 50/50
+    assert 0.4 < labels.mean() < 0.6  # 4 NORMAL vs 20 PNEUMONIA, drawn 50/50, new draws every epoch
+    first_epoch = np.concatenate([y.numpy() for _, y in ds])
+    assert not np.array_equal(first_epoch, np.concatenate([y.numpy() for _, y in ds]))
 
 
 def test_class_weights_are_balanced():
     weights = class_weights(np.array([0] * 1341 + [1] * 3875))
     assert weights[0] * 1341 == pytest.approx(weights[1] * 3875)
     assert weights[0] == pytest.approx(5216 / (2 * 1341))
+
+
+@pytest.mark.parametrize("method", ["percentile", "equalize"])
+def test_intensity_normalisation_removes_the_black_level(method):
+    """The same film with its black lifted (as Kermany's pneumonia films in train are) normalises to nearly
+    the same pixels, where the raw pixels differ by the lift."""
+    rng = np.random.default_rng(0)
+    film = rng.uniform(0.0, 0.9, (48, 48)).astype(np.float32)
+    lifted = 0.08 + (1 - 0.08) * film
+    plain = [preprocess(x[..., None], 32, "none").numpy() for x in (film, lifted)]
+    normalised = [preprocess(x[..., None], 32, method).numpy() for x in (film, lifted)]
+    assert np.abs(plain[0] - plain[1]).mean() > 0.03
+    assert np.abs(normalised[0] - normalised[1]).mean() < 0.01
+    assert normalised[0].min() == 0.0 and normalised[0].max() == pytest.approx(1.0)
+    batch = preprocess(np.stack([film, lifted])[..., None], 32, method).numpy()  # per film, not per batch
+    np.testing.assert_allclose(batch[1], normalised[1], atol=1e-6)
+    with pytest.raises(ValueError, match="intensity must be one of"):
+        preprocess(film[..., None], 32, "clahe")
+
+
+@pytest.mark.parametrize("method", ["none", "percentile", "equalize"])
+def test_serving_decodes_exactly_as_the_pipeline_preprocesses(mendeley_dir, method):
+    """The skew check per intensity method: a file through serving's decoder equals the evaluation's batch."""
+    from serving.decode import decode_request
+
+    splits = load_splits(mendeley_dir)
+    batch, _ = next(iter(make_dataset(splits.val, 24, batch_size=4, intensity=method)))
+    served = decode_request(open(splits.val.paths[0], "rb").read(), "image/jpeg", 24, 10**6, method)
+    np.testing.assert_allclose(served, batch[0].numpy(), atol=1e-6)
+
+
+def test_cue_breaking_augmentations_change_what_they_claim():
+    import tensorflow as tf
+
+    from models.pipeline import Augmentation, augment_batch, tone_jitter
+
+    dark = tf.zeros((64, 8, 8, 1))
+    lifted = tone_jitter(dark, black_level=0.1, gamma=0.0, seed=1).numpy()
+    assert 0.0 <= lifted.min() and lifted.max() <= 0.1 and lifted.reshape(64, -1).std(axis=1).max() < 1e-6
+    assert np.unique(lifted[:, 0, 0, 0]).size > 32  # one lift per film
+    ramp = tf.reshape(tf.linspace(0.0, 1.0, 64), (1, 8, 8, 1))
+    bent = tone_jitter(tf.repeat(ramp, 16, axis=0), black_level=0.0, gamma=0.4, seed=2).numpy()
+    assert np.abs(bent - ramp.numpy()).max() > 0.02 and bent[:, 0, 0, 0].max() == 0.0  # black stays black
+    images = tf.random.uniform((8, 24, 24, 1), seed=3)
+    for amounts in ({"blur": 1.0}, {"noise": 0.03}, {"black_level": 0.1, "gamma": 0.3}):
+        out = augment_batch(Augmentation(**amounts), seed=4)(images).numpy()
+        assert out.shape == images.shape and 0 <= out.min() and out.max() <= 1
+        assert not np.allclose(out, images.numpy()), amounts
+    with pytest.raises(ValueError, match=">= 0"):
+        Augmentation(gamma=-0.1)

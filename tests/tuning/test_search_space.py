@@ -33,6 +33,32 @@ def test_define_by_run_picks_a_family_then_only_its_parameters():
     assert seen == {"cnn", "inception"}
 
 
+def test_the_pretrained_family_samples_its_own_sizes_blocks_and_imagenet_weights():
+    config = load_config(TuneConfig, overrides=[
+        "space.families=[efficientnet_lite0, cnn]", "space.lite_image_sizes=[160, 224]",
+        "space.lite_trainable_blocks=[1, 3]", "space.intensity=[none, percentile, equalize]",
+        "space.augment_gamma=[0.0, 0.4]", "space.augment_black_level=[0.0, 0.1]"])
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
+    seen = set()
+    for _ in range(16):
+        trial = study.ask()
+        params = DefineByRun(config.space)(trial)
+        trained = trial_config({}, params)
+        seen.add((trained.model.family, trained.data.intensity))
+        assert 0.0 <= trained.data.augment_gamma <= 0.4 and trained.data.augment_blur == 0.0  # [0, 0]: off
+        if trained.model.family == "efficientnet_lite0":
+            assert trained.model.image_size in (160, 224) and trained.model.trainable_blocks in (1, 3)
+            assert trained.model.weights == "imagenet" and "model.depth" not in params
+        study.tell(trial, 0.5)
+    assert {family for family, _ in seen} == {"cnn", "efficientnet_lite0"}
+    assert {intensity for _, intensity in seen} == {"none", "percentile", "equalize"}
+    # the random baseline resolves a Lite trial's own keys the same way
+    sampled = {"model.family": "efficientnet_lite1", "lite.image_size": 192, "lite.trainable_blocks": 2,
+               "cnn.image_size": 64, "inception.image_size": 96, "model.trainable_blocks": 8}
+    trained = trial_config({}, sampled)
+    assert (trained.model.image_size, trained.model.trainable_blocks, trained.model.weights) == (192, 2, "imagenet")
+
+
 def test_random_space_resolves_the_family_image_size():
     params = {"model.family": "inception", "cnn.image_size": 64, "inception.image_size": 96, "learning_rate": 1e-3}
     assert sorted(to_overrides(params)) == ["learning_rate=0.001", "model.family=inception", "model.image_size=96"]

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
-from serving.service import ClassifierService
+from serving.schema import PREDICT_REQUEST, Health, Metadata, Prediction, errors
+from serving.service import ClassifierService, OutOfDistribution
 from serving.settings import AUTOSCALING, ServeSettings
 
 api = FastAPI(title="Pneumonia classifier", description="Chest X-ray pneumonia classification (research use only).")
@@ -57,7 +58,7 @@ class Classifier:
         self.service.check_health()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _predict_batch(self, images: "list[np.ndarray]") -> "list[tuple[float, int]]":
+    async def _predict_batch(self, images: "list[np.ndarray]") -> "list[tuple[float, float | None, int]]":
         return self.service.predict_batch(images)
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -65,19 +66,27 @@ class Classifier:
         """A small page: drop an X-ray, see the label, the probability against the threshold, Grad-CAM."""
         return page_html()
 
-    @api.get("/healthz")
+    @api.get("/healthz", response_model=Health)
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/metadata")
+    @api.get("/metadata", response_model=Metadata)
     async def metadata(self) -> dict:
+        """The package: version, input contract, threshold, calibration, test metrics, the OOD gate."""
         return self.service.info()
 
-    @api.post("/predict")
-    async def predict(self, request: Request, response: Response, explain: bool = False) -> dict:
-        """The image as the raw body (image/jpeg, image/png, application/dicom) or multipart field 'file';
-        ``?explain=true`` adds ``heatmap_png``, a base64 PNG of the Grad-CAM overlay."""
-        result, batch_size = await self.service.predict(request, explain, self._predict_batch)
+    @api.post("/predict", response_model=Prediction, response_model_exclude_none=True,
+              openapi_extra=PREDICT_REQUEST, responses=errors(400, 401, 413, 415, 422))
+    async def predict(self, request: Request, response: Response, explain: bool = False, force: bool = False):
+        """Classify one chest film. The image as the raw body (image/jpeg, image/png, application/dicom) or
+        the multipart field ``file``. An image unlike the training films is refused with 422 (its OOD score
+        and the gate's threshold in the body); ``?force=true`` classifies it anyway, marked
+        ``out_of_distribution``, for research use. ``?explain=true`` adds ``heatmap_png``, a base64 PNG of
+        the Grad-CAM overlay. The header ``X-Batch-Size`` says how many requests shared the model call."""
+        try:
+            result, batch_size = await self.service.predict(request, explain, self._predict_batch, force)
+        except OutOfDistribution as refused:
+            return JSONResponse(refused.body, status_code=422)
         response.headers["X-Batch-Size"] = str(batch_size)
         return result
 

@@ -61,8 +61,10 @@ def _dicom_pixels(body: bytes, max_pixels: int) -> np.ndarray:
     return scaled.astype(np.float32)[..., np.newaxis]
 
 
-def decode_request(body: bytes, content_type: str, image_size: int, max_pixels: int) -> np.ndarray:
-    """Request bytes -> the model input (S, S, 1) float32, through the training preprocessing."""
+def decode_request(body: bytes, content_type: str, image_size: int, max_pixels: int,
+                   intensity: str = "none") -> np.ndarray:
+    """Request bytes -> the model input (S, S, 1) float32, through the training preprocessing (the package's
+    input contract gives ``image_size`` and ``intensity``)."""
     from PIL import Image, UnidentifiedImageError
 
     from models.preprocessing import decode_image, preprocess
@@ -70,7 +72,7 @@ def decode_request(body: bytes, content_type: str, image_size: int, max_pixels: 
     if not body:
         raise InvalidImage("empty request body: send the image bytes")
     if content_type == DICOM_TYPE:
-        return preprocess(_dicom_pixels(body, max_pixels), image_size).numpy()
+        return preprocess(_dicom_pixels(body, max_pixels), image_size, intensity).numpy()
     try:
         with Image.open(io.BytesIO(body)) as header:  # the header only: the size is known before decoding
             width, height = header.size
@@ -82,6 +84,6 @@ def decode_request(body: bytes, content_type: str, image_size: int, max_pixels: 
     if kind != IMAGE_TYPES.get(content_type):
         raise InvalidImage(f"the body is {kind} but was sent as {content_type}")
     try:
-        return preprocess(decode_image(body), image_size).numpy()
+        return preprocess(decode_image(body), image_size, intensity).numpy()
     except Exception as exc:  # a truncated or corrupt stream fails in the decoder
         raise InvalidImage(f"the image could not be decoded (truncated or corrupt?): {exc}") from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,46 +16,86 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException, Request
 
-from models.package import PackageMetadata, load_model_dir
+from models.ood import OodScorer
+from models.package import PackageMetadata, load_model_dir, load_ood_scorer
 from serving.decode import ACCEPTED_TYPES, InvalidImage, decode_request, sniff_content_type
 from serving.settings import ServeSettings
 
-Loader = Callable[[str], tuple[Any, PackageMetadata]]
-BatchedCall = Callable[[np.ndarray], Awaitable[tuple[float, int]]]  # one image -> (probability, batch size)
+Loader = Callable[[str], tuple[Any, PackageMetadata, OodScorer | None]]  # package -> (model, metadata, gate)
+Scored = tuple[float, float | None, int]  # (probability, OOD score or None, batch size)
+BatchedCall = Callable[[np.ndarray], Awaitable[Scored]]
+NO_GATE = {"method": None, "note": "no out-of-distribution gate: this package was made before packages carried one; "
+                                   "every decodable image is classified"}
+
+
+def load_package(package: str) -> tuple[Any, PackageMetadata, OodScorer | None]:
+    """The verified model, its metadata and its fitted OOD scorer (None for a package without a gate)."""
+    model, metadata = load_model_dir(package)
+    return model, metadata, load_ood_scorer(package, metadata)
+
+
+class OutOfDistribution(Exception):
+    """The gate refused the image: it does not look like the films the model was trained on (HTTP 422)."""
+
+    def __init__(self, score: float, threshold: float):
+        super().__init__("not a chest radiograph like the training data (frontal pediatric chest film); "
+                         "?force=true classifies it anyway, for research use")
+        self.body = {"detail": str(self), "ood_score": score, "ood_threshold": threshold}
 
 
 class LoadedPackage:
-    """A verified model package in memory: the model, its metadata and what every answer reports."""
+    """A verified model package in memory: the model (with its embedding output when the package has an OOD
+    gate, so one call gives both), its metadata, its gate, and what every answer reports."""
 
-    def __init__(self, package: str, loader: Loader = load_model_dir):
-        self.model, self.metadata = loader(package)
+    def __init__(self, package: str, loader: Loader = load_package):
+        self.classifier, self.metadata, self.scorer = loader(package)
+        self.model = self.classifier  # what a batch goes through
+        if self.scorer is not None:
+            from models.ood import with_embedding
+
+            self.model = with_embedding(self.classifier)
         size = self.metadata.image_size
-        self.model.predict_on_batch(np.zeros((1, size, size, 1), np.float32))  # warm up before taking traffic
+        self.predict([np.zeros((size, size, 1), np.float32)])  # warm up before taking traffic
         self.version = self.metadata.version or Path(str(package).rstrip("/")).name
+        ood = self.metadata.ood
         self.info = {
             "model_version": self.version,
             "class_names": self.metadata.class_names,
             "input": self.metadata.to_dict()["input"],
             "threshold": self.metadata.threshold,
             "threshold_method": self.metadata.threshold_method,
+            "calibration": None if self.metadata.calibration is None else dataclasses.asdict(self.metadata.calibration),
             "test_metrics": self.metadata.test_metrics,
+            "ood": NO_GATE if ood is None else dataclasses.asdict(ood),
         }
 
-    def predict(self, images: list[np.ndarray]) -> np.ndarray:
-        """P(PNEUMONIA) of preprocessed images, in one model call."""
-        return np.asarray(self.model.predict_on_batch(np.stack(images))).reshape(-1)
+    def predict(self, images: list[np.ndarray]) -> list[tuple[float, float | None]]:
+        """(P(PNEUMONIA) calibrated as the package says, OOD score or None) of preprocessed images, in one call."""
+        outputs = self.model.predict_on_batch(np.stack(images))
+        if self.scorer is None:
+            return [(float(p), None) for p in self.metadata.probabilities(outputs)]
+        raw, embeddings = (np.asarray(o) for o in outputs)
+        scores = self.scorer.score(embeddings, raw)
+        return [(float(p), float(s)) for p, s in zip(self.metadata.probabilities(raw), scores)]
 
-    def answer(self, probability: float) -> dict[str, Any]:
+    def answer(self, probability: float, ood_score: float | None, force: bool = False) -> dict[str, Any]:
+        """The answer's fields; raises OutOfDistribution above the gate unless ``force``."""
         threshold = float(self.metadata.threshold)
-        return {"label": self.metadata.class_names[int(probability >= threshold)], "probability": float(probability),
-                "threshold": threshold, "model_version": self.version}
+        result = {"label": self.metadata.class_names[int(probability >= threshold)], "probability": float(probability),
+                  "threshold": threshold, "model_version": self.version}
+        if ood_score is not None:
+            refused = ood_score > self.metadata.ood.threshold
+            if refused and not force:
+                raise OutOfDistribution(ood_score, self.metadata.ood.threshold)
+            result.update(ood_score=ood_score, ood_threshold=self.metadata.ood.threshold, out_of_distribution=refused)
+        return result
 
     def explain(self, image: np.ndarray) -> str:
         """The Grad-CAM overlay of one preprocessed image, as base64 PNG."""
         from models.gradcam import gradcam
         from serving.overlay import overlay_png
 
-        return base64.b64encode(overlay_png(image, gradcam(self.model, image))).decode()
+        return base64.b64encode(overlay_png(image, gradcam(self.classifier, image))).decode()
 
 
 def authorize(authorization: str | None, token: str) -> None:
@@ -104,7 +145,7 @@ async def read_image(request: Request, max_body_bytes: int) -> tuple[bytes, str]
 class ClassifierService:
     """The replica's state (settings, the loaded package) and its request handling."""
 
-    def __init__(self, settings: ServeSettings, loader: Loader = load_model_dir):
+    def __init__(self, settings: ServeSettings, loader: Loader = load_package):
         self.settings = settings
         self.loader = loader
         self.token = settings.token()
@@ -121,22 +162,25 @@ class ClassifierService:
     def info(self) -> dict[str, Any]:
         return self.loaded.info
 
-    def predict_batch(self, images: list[np.ndarray]) -> list[tuple[float, int]]:
-        """One model call for a batch of preprocessed images: (probability, batch size) for each."""
-        return [(float(p), len(images)) for p in self.loaded.predict(images)]
+    def predict_batch(self, images: list[np.ndarray]) -> list[Scored]:
+        """One model call for a batch of preprocessed images: (probability, OOD score, batch size) for each."""
+        return [(p, score, len(images)) for p, score in self.loaded.predict(images)]
 
-    async def predict(self, request: Request, explain: bool, batched: BatchedCall) -> tuple[dict[str, Any], int]:
-        """Authorize, read, decode (in a thread), classify through ``batched``; returns (answer, batch size)."""
+    async def predict(self, request: Request, explain: bool, batched: BatchedCall,
+                      force: bool = False) -> tuple[dict[str, Any], int]:
+        """Authorize, read, decode (in a thread), classify through ``batched``; returns (answer, batch size).
+        Raises OutOfDistribution for an image the gate refuses, unless ``force``."""
         authorize(request.headers.get("authorization"), self.token)
         body, content_type = await read_image(request, self.settings.max_body_bytes)
         loaded = self.loaded  # one package for the whole request, even across a hot swap
         try:
-            image = await asyncio.to_thread(decode_request, body, content_type, loaded.metadata.image_size,
-                                            self.settings.max_pixels)
+            contract = loaded.metadata.input
+            image = await asyncio.to_thread(decode_request, body, content_type, contract.image_size,
+                                            self.settings.max_pixels, contract.intensity)
         except InvalidImage as exc:
             raise HTTPException(400, str(exc)) from None
-        probability, batch_size = await batched(image)
-        result = loaded.answer(probability)
+        probability, ood_score, batch_size = await batched(image)
+        result = loaded.answer(probability, ood_score, force)
         if explain:  # rare and costlier: outside the batch, in a thread
             result["heatmap_png"] = await asyncio.to_thread(loaded.explain, image)
         return result, batch_size

@@ -16,11 +16,14 @@ import numpy as np
 from models.config import from_dict
 from models.dataset import DataSplits, Split, load_splits
 from models.errors import PneumoniaError
+from models.calibration import Calibration, fit_platt
 from models.package import PackageMetadata, package_versions
+from models.ood import OodGate, OodScorer, fit_gate
+from models.preprocessing import InputContract
 from tuning.config import TrainConfig
 from tuning.experiment import is_remote
-from tuning.metrics import sensitivity_threshold, youden_threshold
-from tuning.report import build_report, display_path, write_report
+from tuning.metrics import sensitivity_threshold, youden_plateau, youden_threshold
+from tuning.report import build_report, display_path, ood_report, write_report
 
 PREDICT_BATCH_SIZE = 64
 
@@ -36,22 +39,55 @@ class Evaluation:
     package_dir: Path
 
 
+THRESHOLD_RULES = ("plateau", "youden")
+PLATEAU_TOLERANCE = 0.01
+OOD_TRAIN_IMAGES = 2000  # training films the OOD gate is fitted on (a stratified subset: their embeddings cost)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationOptions:
+    """How the operating point and the OOD gate are chosen, all on validation (train for the gate's fit)."""
+
+    target_sensitivity: float | None = None  # set: the highest threshold keeping validation sensitivity >= it
+    threshold_rule: str = "plateau"  # or "youden"
+    calibrate: bool = True  # Platt scaling fitted on validation
+    ood_method: str = "mahalanobis"  # see models.ood; "none" = no gate
+    ood_quantile: float = 0.995  # the gate's threshold: this quantile of the validation films' scores
+
+
 @dataclasses.dataclass(frozen=True)
 class Scores:
-    """P(PNEUMONIA) on validation and test, and the threshold chosen from validation alone."""
+    """Calibrated P(PNEUMONIA) on validation and test, the threshold chosen from validation alone, and the
+    embeddings the OOD gate scores."""
 
     val: np.ndarray
     test: np.ndarray
     threshold: float
     method: str
+    val_uncalibrated: np.ndarray
+    test_uncalibrated: np.ndarray
+    calibration: Calibration | None
+    plateau: tuple[float, float] | None  # the near-optimal J interval the plateau rule took the centre of
+    val_embeddings: np.ndarray
+    test_embeddings: np.ndarray
 
 
-def predict_split(model, split: Split, image_size: int) -> np.ndarray:
-    """P(PNEUMONIA) for every image of ``split``, in order, through the shared preprocessing."""
+def predict_with_embedding(model, split: Split, contract: InputContract) -> tuple[np.ndarray, np.ndarray]:
+    """The model's P(PNEUMONIA) and embedding (``models.ood.with_embedding``) for every image of ``split``, in
+    order, through the shared preprocessing."""
     from models.pipeline import make_dataset
 
-    dataset = make_dataset(split, image_size, PREDICT_BATCH_SIZE)
-    return np.concatenate([np.asarray(model.predict_on_batch(x)).reshape(-1) for x, _ in dataset])
+    dataset = make_dataset(split, contract.image_size, PREDICT_BATCH_SIZE, intensity=contract.intensity)
+    outputs = [model.predict_on_batch(x) for x, _ in dataset]
+    return (np.concatenate([np.asarray(p).reshape(-1) for p, _ in outputs]),
+            np.concatenate([np.asarray(e) for _, e in outputs]))
+
+
+def predict_split(model, split: Split, contract: InputContract) -> np.ndarray:
+    """The model's P(PNEUMONIA) for every image of ``split``, in order, through the shared preprocessing."""
+    from models.ood import with_embedding
+
+    return predict_with_embedding(with_embedding(model), split, contract)[0]
 
 
 def resolve_source(model_dir: str | None, experiment: str | None, ensemble: int = 1,
@@ -97,18 +133,27 @@ def default_name(config: TrainConfig, produced_by: dict) -> str:
     return config.name
 
 
-def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, target_sensitivity: float | None) -> tuple[float, str]:
-    if target_sensitivity is None:
-        return youden_threshold(labels, probabilities), "Youden's J on the validation split"
-    if not 0.0 < target_sensitivity <= 1.0:
-        raise EvaluationError(f"--target-sensitivity must lie in (0, 1], got {target_sensitivity}")
-    threshold = sensitivity_threshold(labels, probabilities, target_sensitivity)
-    return threshold, f"highest threshold keeping validation sensitivity >= {target_sensitivity}"
+def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, target_sensitivity: float | None,
+                     rule: str = "plateau") -> tuple[float, str, tuple[float, float] | None]:
+    """(threshold, how it was chosen, the J plateau where the plateau rule was used), from validation only."""
+    if target_sensitivity is not None:
+        if not 0.0 < target_sensitivity <= 1.0:
+            raise EvaluationError(f"--target-sensitivity must lie in (0, 1], got {target_sensitivity}")
+        threshold = sensitivity_threshold(labels, probabilities, target_sensitivity)
+        return threshold, f"highest threshold keeping validation sensitivity >= {target_sensitivity}", None
+    if rule == "youden":
+        return youden_threshold(labels, probabilities), "Youden's J on the validation split", None
+    if rule != "plateau":
+        raise EvaluationError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, got {rule!r}")
+    threshold, low, high = youden_plateau(labels, probabilities, PLATEAU_TOLERANCE)
+    return threshold, (f"centre of the thresholds within {PLATEAU_TOLERANCE} of the best Youden's J on the "
+                       f"validation split ({low:.4f}-{high:.4f})"), (low, high)
 
 
 def load_evaluation_data(config: TrainConfig, data: str | None, trained_fingerprint: str | None) -> DataSplits:
     """The splits the model was trained on; other data is refused (its validation could hold training images)."""
-    splits = load_splits(data or config.data.path or None, config.data.val_fraction, config.data.seed)
+    d = config.data
+    splits = load_splits(data or d.path or None, d.val_fraction, d.seed, validation=d.validation)
     if trained_fingerprint and splits.fingerprint != trained_fingerprint:
         raise EvaluationError(
             f"the data at {splits.source} (fingerprint {splits.fingerprint}) is not the data this model was "
@@ -118,18 +163,50 @@ def load_evaluation_data(config: TrainConfig, data: str | None, trained_fingerpr
     return splits
 
 
-def score(model, splits: DataSplits, image_size: int, target_sensitivity: float | None,
+def score(model, splits: DataSplits, contract: InputContract, options: EvaluationOptions,
           log: Callable[[str], None]) -> Scores:
-    """The threshold from validation, then the one read of the test split."""
-    val = predict_split(model, splits.val, image_size)
-    threshold, method = choose_threshold(splits.val.labels, val, target_sensitivity)
+    """Calibration and threshold from validation, then the one read of the test split. ``model`` has the
+    embedding output (``models.ood.with_embedding``)."""
+    raw, val_embeddings = predict_with_embedding(model, splits.val, contract)
+    calibration = None
+    if options.calibrate:
+        calibration = fit_platt(splits.val.labels, raw, f"validation split ({len(splits.val)} images)")
+    val = raw if calibration is None else calibration.apply(raw)
+    threshold, method, plateau = choose_threshold(splits.val.labels, val, options.target_sensitivity,
+                                                  options.threshold_rule)
+    if calibration is not None:
+        method += f", on probabilities calibrated there (Platt: slope {calibration.slope:.3f}, " \
+                  f"intercept {calibration.intercept:.3f})"
+        log(f"calibration: Platt scaling on validation, slope {calibration.slope:.3f}, "
+            f"intercept {calibration.intercept:.3f}")
     log(f"threshold {threshold:.4f} ({method}; {len(splits.val)} validation images)")
-    test = predict_split(model, splits.test, image_size)
-    return Scores(val, test, threshold, method)
+    test, test_embeddings = predict_with_embedding(model, splits.test, contract)  # the one read of the test split
+    return Scores(val, test if calibration is None else calibration.apply(test), threshold, method, raw, test,
+                  calibration, plateau, val_embeddings, test_embeddings)
 
 
-def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, artifacts_dir: Path) -> Path:
-    """``artifacts/VERSION``: the evaluated model byte for byte, with the threshold and test metrics."""
+def fit_ood_gate(model, splits: DataSplits, contract: InputContract, scores: Scores, options: EvaluationOptions,
+                 log: Callable[[str], None]) -> tuple[OodScorer, OodGate] | None:
+    """The OOD gate: fitted on (a stratified subset of) the training films' embeddings, its threshold at the
+    ``ood_quantile`` of the validation films' scores."""
+    if options.ood_method == "none":
+        return None
+    from models.dataset import stratified_subset
+
+    train = stratified_subset(splits.train, OOD_TRAIN_IMAGES, seed=0)
+    probabilities, embeddings = predict_with_embedding(model, train, contract)
+    fitted_on = f"training split ({len(train)} of {len(splits.train)} films)"
+    scorer, gate = fit_gate(options.ood_method, (embeddings, probabilities, train.labels),
+                            (scores.val_embeddings, scores.val_uncalibrated), options.ood_quantile, fitted_on)
+    log(f"OOD gate: {gate.method} score, threshold {gate.threshold:.4g} (validation quantile {gate.quantile}), "
+        f"fitted on the {fitted_on}")
+    return scorer, gate
+
+
+def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, artifacts_dir: Path,
+                   calibration: Calibration | None, ood: tuple[OodScorer, OodGate] | None) -> Path:
+    """``artifacts/VERSION``: the evaluated model byte for byte, with the threshold, calibration, OOD gate
+    and test metrics."""
     from models.package import write_package
 
     created = datetime.now(timezone.utc)
@@ -140,6 +217,8 @@ def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, ar
         created_at=created.isoformat(timespec="seconds"),
         threshold=report["threshold"],
         threshold_method=report["threshold_method"],
+        calibration=calibration,
+        ood=None if ood is None else ood[1],
         test_metrics={k: v for k, v in test.items() if k != "confusion_matrix"},
         test_confusion_matrix=test["confusion_matrix"],
         confidence_intervals=report["confidence_intervals"],
@@ -149,40 +228,45 @@ def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, ar
         runtime={},
         versions=package_versions(),
     )
-    return write_package(source_dir, package, artifacts_dir / version)
+    return write_package(source_dir, package, artifacts_dir / version, None if ood is None else ood[0])
 
 
 def evaluate(
     model_dir: str | None = None,
     experiment: str | None = None,
     data: str | None = None,
-    target_sensitivity: float | None = None,
     reports_dir: str | Path = "reports",
     artifacts_dir: str | Path = "artifacts",
     name: str | None = None,
     log: Callable[[str], None] = print,
     ensemble: int = 1,
+    options: EvaluationOptions = EvaluationOptions(),
 ) -> Evaluation:
-    """``pneumonia evaluate``: score, report, export; the test split is read once, by :func:`score`."""
+    """``pneumonia evaluate``: score, fit the OOD gate, report, export; the test split is read once, by
+    :func:`score`."""
+    from models.ood import with_embedding
     from models.package import file_sha256, load_model_dir
     from models.runtime import configure_tensorflow
 
     configure_tensorflow(0, "float32")
     source_dir, produced_by = resolve_source(model_dir, experiment, ensemble, log)
     model, metadata = load_model_dir(source_dir)
+    served = with_embedding(model)  # what the endpoint calls: probability and embedding in one pass
     config = from_dict(TrainConfig, metadata.config)
     name = name or default_name(config, produced_by)
     splits = load_evaluation_data(config, data, metadata.data.get("fingerprint"))
-    scores = score(model, splits, metadata.image_size, target_sensitivity, log)
+    scores = score(served, splits, metadata.input, options, log)
+    ood = fit_ood_gate(served, splits, metadata.input, scores, options, log)
     data_path = metadata.config["data"]["path"]
     config_shown = {**metadata.config, "data": {**metadata.config["data"], "path": data_path and display_path(data_path)}}
     described = {"source": display_path(source_dir), "sha256": file_sha256(source_dir / "model.keras"),
                  "produced_by": produced_by, "config": config_shown, "best_epoch": metadata.best_epoch,
                  "validation": metadata.validation}
-    report = build_report(name, splits, {"val": scores.val, "test": scores.test}, scores.threshold, scores.method,
-                          described)
-    out = write_report(report, splits.test, scores.test, Path(reports_dir) / name)
-    package_dir = export_package(source_dir, metadata, report, Path(artifacts_dir))
+    report = build_report(name, splits, scores, described)
+    if ood is not None:
+        report["ood"] = ood_report(served, splits, metadata.input, scores, *ood)
+    out = write_report(report, splits, scores, Path(reports_dir) / name)
+    package_dir = export_package(source_dir, metadata, report, Path(artifacts_dir), scores.calibration, ood)
     test = report["test"]
     log(f"test ({len(splits.test)} images): accuracy {test['accuracy']:.4f}, AUC {test['auc']:.4f}, "
         f"sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}")

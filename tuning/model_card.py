@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from tuning.evaluate import PLATEAU_TOLERANCE
 from tuning.experiment import METRIC
 
 REFERENCES = [
@@ -108,7 +109,54 @@ def result_lines(report: dict) -> list[str]:
         "![ROC](roc.png) ![confusion matrix](confusion_matrix.png)",
         "![precision-recall](pr.png) ![calibration](calibration.png)",
         "",
+        *operating_point_lines(report),
     ]
+
+
+def operating_point_lines(report: dict) -> list[str]:
+    """How the threshold was chosen on validation: calibration, the J curve, the plateau."""
+    calibration = report.get("calibration")
+    if calibration is None and report.get("threshold_plateau") is None:
+        return []
+    lines = ["## How the operating point was chosen (validation only)", ""]
+    if calibration:
+        lines.append(f"- Probabilities calibrated on the {calibration['fitted_on']} by {calibration['method']} "
+                     f"scaling (slope {calibration['slope']:.3f}, intercept {calibration['intercept']:.3f}); "
+                     f"validation Brier score {calibration['validation_brier_before']:.4f} before, "
+                     f"{calibration['validation_brier_after']:.4f} after. The served probability is the calibrated one.")
+    if report.get("threshold_plateau"):
+        low, high = report["threshold_plateau"]
+        lines.append(f"- Youden's J on validation is within {PLATEAU_TOLERANCE} of its best for thresholds "
+                     f"{low:.4f}-{high:.4f}; "
+                     f"the threshold is the centre of that plateau, {report['threshold']:.4f}.")
+    return lines + ["", "![validation J curve](validation_j.png) ![reliability](reliability.png)", ""]
+
+
+def ood_lines(report: dict) -> list[str]:
+    """The out-of-distribution gate: what it refuses of real films and of what is not a chest film."""
+    ood = report.get("ood")
+    if not ood:
+        return []
+    lines = [
+        "## Out-of-distribution gate",
+        "",
+        f"The endpoint refuses (HTTP 422) an image whose {ood['method']} score exceeds {ood['threshold']:.4g}, the "
+        f"{100 * ood['quantile']:.1f}th percentile of the validation films' scores; fitted on the {ood['fitted_on']}.",
+        "",
+        f"- In-distribution films refused: validation {100 * ood['validation_refusal_rate']:.1f} %, test "
+        f"{100 * ood['test_refusal_rate']:.1f} % ({ood['test_refused']} of the test films).",
+        "",
+        "| not a chest film like the training ones | images | refused at the threshold | AUROC vs test films | |",
+        "|---|---|---|---|---|",
+    ]
+    for row in ood["kinds"]:
+        lines.append(f"| {row['kind']} | {row['images']} | {100 * row['detection_rate']:.0f} % | {row['auroc']:.3f} | "
+                     f"{row['verdict']} |")
+    missed = [f"{image['name']} ({image['kind']})" for image in ood["images"] if not image["refused"]]
+    if missed:
+        lines += ["", "Let through: " + ", ".join(missed[:20]) + (f" and {len(missed) - 20} more" if len(missed) > 20 else "")
+                  + "."]
+    return lines + [""]
 
 
 def data_lines(report: dict) -> list[str]:
@@ -178,6 +226,7 @@ def render(report: dict) -> str:
         "",
         *result_lines(report),
         *subgroup_lines(report.get("subgroups", {})),
+        *ood_lines(report),
         *data_lines(report),
         *model_lines(report),
         *LIMITATIONS,

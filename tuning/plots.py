@@ -69,3 +69,39 @@ def write_plots(labels: np.ndarray, probabilities: np.ndarray, operating: dict, 
     ax.legend(loc="upper left", fontsize=8)
     paths.append(_save(plt, fig, out / "calibration.png"))
     return paths
+
+
+def write_validation_plots(labels: np.ndarray, uncalibrated: np.ndarray, calibrated: np.ndarray, threshold: float,
+                           plateau: tuple[float, float] | None, title: str, out: Path) -> list[Path]:
+    """validation_j.png (Youden's J against the threshold, the plateau and the chosen threshold marked) and
+    reliability.png (validation reliability before and after calibration): how the operating point was chosen."""
+    from sklearn.calibration import CalibrationDisplay
+
+    from tuning.metrics import youden_curve
+
+    paths = []
+    plt, fig, ax = _figure()
+    thresholds, j = youden_curve(labels, calibrated)
+    ax.step(thresholds, j, where="post", color="steelblue", label="Youden's J = sensitivity + specificity - 1")
+    if plateau is not None:
+        ax.axvspan(plateau[0], plateau[1], color="gold", alpha=0.3, label="within 0.01 of the best J")
+    ax.axvline(threshold, color="crimson", label=f"chosen threshold {threshold:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("threshold on the (calibrated) probability of pneumonia")
+    ax.set_ylabel("Youden's J on the validation split")
+    ax.set_title(f"{title}\nvalidation J curve")
+    ax.legend(loc="lower center", fontsize=8)
+    paths.append(_save(plt, fig, out / "validation_j.png"))
+
+    plt, fig, ax = _figure()
+    CalibrationDisplay.from_predictions(labels, uncalibrated, n_bins=10, strategy="quantile", name="model output",
+                                        ax=ax)
+    if calibrated is not uncalibrated:
+        CalibrationDisplay.from_predictions(labels, calibrated, n_bins=10, strategy="quantile", name="calibrated",
+                                            ax=ax)
+    ax.set_xlabel("mean predicted probability of pneumonia")
+    ax.set_ylabel("fraction with pneumonia")
+    ax.set_title(f"{title}\nvalidation reliability, before and after calibration")
+    ax.legend(loc="upper left", fontsize=8)
+    paths.append(_save(plt, fig, out / "reliability.png"))
+    return paths

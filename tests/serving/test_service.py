@@ -10,6 +10,7 @@ from fastapi import HTTPException
 from PIL import Image
 from starlette.requests import Request
 
+from models.ood import OodScorer
 from models.package import PackageMetadata
 from serving.service import ClassifierService, authorize, read_image
 from serving.settings import ServeSettings
@@ -29,7 +30,7 @@ class MeanModel:
 
 
 def _loader(package):
-    return MeanModel(), PackageMetadata.for_training({}, SIZE).replace(version=f"v-{package}", threshold=0.4)
+    return MeanModel(), PackageMetadata.for_training({}, SIZE).replace(version=f"v-{package}", threshold=0.4), None
 
 
 def _service(**settings) -> ClassifierService:
@@ -95,13 +96,14 @@ def test_an_answer_has_label_probability_threshold_and_version():
 def test_a_batch_is_one_model_call_and_every_answer_knows_its_size():
     service = _service()
     images = [np.full((SIZE, SIZE, 1), v, np.float32) for v in (0.1, 0.5, 0.9)]
-    assert service.predict_batch(images) == [(pytest.approx(0.1), 3), (pytest.approx(0.5), 3), (pytest.approx(0.9), 3)]
+    assert service.predict_batch(images) == [(pytest.approx(v), None, 3) for v in (0.1, 0.5, 0.9)]
     assert service.loaded.model.calls[-1] == (3, SIZE, SIZE, 1)
 
 
 def test_metadata_and_hot_swap():
     service = _service()
     assert service.info()["model_version"] == "v-p1" and service.info()["input"]["image_size"] == SIZE
+    assert service.info()["ood"]["method"] is None and "no out-of-distribution gate" in service.info()["ood"]["note"]
     service.load("p2")
     assert service.info()["model_version"] == "v-p2"
     empty = ClassifierService(ServeSettings(package="p"), loader=_loader)
@@ -173,3 +175,44 @@ def test_undecodable_images_are_a_400_and_the_service_answers_after(body, detail
         _predict(service, body, {"content-type": "image/png"})
     assert raised.value.status_code == 400 and detail in raised.value.detail
     assert _predict(service, _png(200), {"content-type": "image/png"})["label"] == "PNEUMONIA"
+
+
+def _gated_loader(package):
+    """A real tiny Keras model (the gate needs its embedding) behind an MSP gate: refuse P near 0.5."""
+    import keras
+
+    from models.ood import OodGate
+
+    keras.utils.set_random_seed(0)
+    image = keras.Input((SIZE, SIZE, 1))
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(image)
+    logit = keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant(20.0),
+                               bias_initializer=keras.initializers.Constant(-10.0))(pooled)
+    model = keras.Model(image, keras.layers.Activation("sigmoid", dtype="float32")(logit))  # P = sigmoid(20 mean - 10)
+    gate = OodGate("msp", threshold=-0.9, quantile=0.995, validation_refusal_rate=0.005, fitted_on="test")
+    metadata = PackageMetadata.for_training({}, SIZE).replace(version="gated", threshold=0.5, ood=gate)
+    return model, metadata, OodScorer("msp")
+
+
+def test_the_gate_refuses_with_422_unless_forced_and_every_answer_carries_the_score():
+    from serving.service import OutOfDistribution
+
+    service = ClassifierService(ServeSettings(package="g"), loader=_gated_loader)
+    service.load("g")
+    confident = _predict(service, _png(250), {"content-type": "image/png"})  # mean ~0.98: P ~1, MSP score ~ -1
+    assert confident["label"] == "PNEUMONIA" and confident["ood_score"] < -0.9 and confident["ood_threshold"] == -0.9
+    assert confident["out_of_distribution"] is False
+    with pytest.raises(OutOfDistribution) as refused:  # mean 0.5: P = 0.5, the least confident
+        _predict(service, _png(128), {"content-type": "image/png"})
+    body = refused.value.body
+    assert set(body) == {"detail", "ood_score", "ood_threshold"} and "not a chest radiograph" in body["detail"]
+    assert body["ood_score"] > body["ood_threshold"] == -0.9
+
+    async def forced():
+        request = _request(_png(128), {"content-type": "image/png"})
+        return await service.predict(request, False, lambda image: _unbatched(service, image), force=True)
+
+    answer, _ = asyncio.run(forced())
+    assert answer["out_of_distribution"] is True and answer["ood_score"] == pytest.approx(body["ood_score"])
+    assert _predict(service, _png(5), {"content-type": "image/png"})["label"] == "NORMAL"  # it answers after
+    assert service.info()["ood"]["method"] == "msp" and service.info()["ood"]["threshold"] == -0.9

@@ -18,6 +18,7 @@ from tuning.metrics import (
     bootstrap_intervals,
     sensitivity_threshold,
     subgroup_rates,
+    youden_plateau,
     youden_threshold,
 )
 
@@ -75,6 +76,21 @@ def test_thresholds_youden_and_target_sensitivity():
     assert sensitivity_threshold(labels, probs, 0.8) == pytest.approx(0.55)
 
 
+def test_the_plateau_rule_takes_the_centre_of_the_near_best_thresholds():
+    labels = np.array([0] * 6 + [1] * 6)
+    probs = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.75, 0.6, 0.65, 0.8, 0.9, 0.95, 0.97])
+    # a narrow peak: J = 5/6 at 0.6 only; 4/6 at its neighbours 0.65 and 0.5
+    threshold, low, high = youden_plateau(labels, probs, tolerance=0.01)
+    assert (low, high) == (0.6, 0.6) and threshold == pytest.approx(0.6)
+    # a flat top: every threshold from 0.35 to 0.65 separates the classes perfectly
+    separable = np.array([0.1, 0.2, 0.25, 0.3, 0.33, 0.35, 0.65, 0.7, 0.8, 0.9, 0.95, 0.99])
+    threshold, low, high = youden_plateau(labels, separable, tolerance=0.01)
+    assert (low, high) == (0.65, 0.65)  # one ROC point: the lowest positive score
+    threshold, low, high = youden_plateau(labels, separable, tolerance=0.2)  # J = 5/6 either side counts too
+    assert low == pytest.approx(0.35) and high == pytest.approx(0.7) and threshold == pytest.approx(0.525)
+    assert youden_threshold(labels, separable) == pytest.approx(0.65)
+
+
 def test_subgroup_rates_count_correct_calls_per_group():
     labels = np.array([0, 0, 0, 1, 1, 1, 1])
     probs = np.array([0.2, 0.7, 0.1, 0.9, 0.4, 0.8, 0.6])
@@ -104,7 +120,12 @@ def test_evaluate_writes_report_plots_predictions_and_package(trained, mendeley_
     assert "package: " in printed and "threshold" in printed
     test = report["test"]
     assert sum(map(sum, test["confusion_matrix"])) == 16
-    assert report["threshold_method"].startswith("Youden")
+    assert report["threshold_method"].startswith("centre of the thresholds within 0.01 of the best Youden's J")
+    low, high = report["threshold_plateau"]
+    assert low <= test["threshold"] <= high and test["threshold"] == pytest.approx((low + high) / 2)
+    assert report["calibration"]["method"] == "platt"
+    for name in ("validation_j", "reliability"):
+        assert (report_dir / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for key in ("accuracy", "balanced_accuracy", "auc", "pr_auc", "sensitivity", "specificity", "precision",
                 "npv", "f1", "brier"):
         assert key in test and key in report["test_at_0_5"]
@@ -174,7 +195,7 @@ def test_package_reloads_in_a_fresh_process_and_reproduces_predictions(trained, 
         "from tuning.report import display_path\n"
         "model, meta = load_model_dir(sys.argv[1])\n"
         "test = load_splits(sys.argv[2]).test\n"
-        "for path, p in zip(test.paths, predict_split(model, test, meta.image_size)):\n"
+        "for path, p in zip(test.paths, meta.probabilities(predict_split(model, test, meta.input))):\n"
         "    print(display_path(path), repr(float(p)))\n"
     )
     result = subprocess.run([sys.executable, "-c", script, str(package), str(mendeley_dir)],

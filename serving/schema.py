@@ -1,0 +1,79 @@
+"""The endpoint's contract as clients see it in ``/openapi.json``: request bodies, answers and every error.
+
+Response models are pydantic (FastAPI's own choice), so the schema a client or a fuzzer (schemathesis) reads
+is the one the answers are validated against.
+"""
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from serving.decode import ACCEPTED_TYPES
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+PREDICT_REQUEST = {
+    "requestBody": {
+        "required": True,
+        "description": "One image: raw bytes with their Content-Type, or a multipart upload in the field `file`.",
+        "content": {
+            **{content_type: _BINARY for content_type in ACCEPTED_TYPES},
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                               "properties": {"file": {"type": "string", "format": "binary"}}}},
+        },
+    }
+}
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="NORMAL or PNEUMONIA: probability >= threshold")
+    probability: float = Field(ge=0, le=1, description="P(PNEUMONIA), calibrated as the package says")
+    threshold: float = Field(description="the operating point chosen on validation")
+    model_version: str
+    ood_score: float | None = Field(None, description="out-of-distribution score; absent without a gate")
+    ood_threshold: float | None = Field(None, description="the gate refuses scores above it")
+    out_of_distribution: bool | None = Field(None, description="true when ?force=true overrode a refusal")
+    heatmap_png: str | None = Field(None, description="with ?explain=true: base64 PNG of the Grad-CAM overlay")
+
+
+class ErrorDetail(BaseModel):
+    detail: str = Field(description="what is wrong with the request")
+
+
+class Refusal(BaseModel):
+    detail: str = Field(description="why the image was refused")
+    ood_score: float
+    ood_threshold: float
+
+
+class ValidationProblem(BaseModel):
+    """FastAPI's own answer to a malformed query parameter (e.g. ``explain=maybe``)."""
+
+    detail: list[dict[str, Any]]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Metadata(BaseModel):
+    model_version: str
+    class_names: list[str]
+    input: dict[str, Any] = Field(description="the input contract: size, channels, intensity normalisation...")
+    threshold: float
+    threshold_method: str
+    test_metrics: dict[str, Any]
+    calibration: dict[str, Any] | None
+    ood: dict[str, Any] = Field(description="the out-of-distribution gate, or why there is none")
+
+
+def errors(*codes: int) -> dict[int, dict]:
+    """``responses=`` entries for the error statuses a route answers with."""
+    described = {400: "the body is not an image this endpoint can read", 401: "missing or wrong bearer token",
+                 413: "the body is larger than max_body_bytes", 415: "unsupported Content-Type"}
+    table: dict[int, dict] = {code: {"model": ErrorDetail, "description": described[code]} for code in codes
+                              if code in described}
+    if 422 in codes:
+        table[422] = {"model": Refusal | ValidationProblem,
+                      "description": "refused: not a chest film like the training data (Refusal), or a malformed "
+                                     "query parameter (ValidationProblem)"}
+    return table

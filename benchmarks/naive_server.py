@@ -35,8 +35,9 @@ async def predict(request: Request) -> dict:
     model, metadata = loaded["model"], loaded["metadata"]
     body = await request.body()
     try:
-        image = decode_request(body, request.headers.get("content-type", "image/jpeg"), metadata.image_size, 40_000_000)
+        image = decode_request(body, request.headers.get("content-type", "image/jpeg"), metadata.image_size, 40_000_000,
+                               metadata.input.intensity)
     except InvalidImage as exc:
         raise HTTPException(400, str(exc)) from None
-    probability = float(model.predict(image[np.newaxis], verbose=0)[0, 0])
+    probability = float(metadata.probabilities(model.predict(image[np.newaxis], verbose=0))[0])
     return {"label": metadata.class_names[int(probability >= metadata.threshold)], "probability": probability}

@@ -22,7 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serving.launch import HAPROXY_ENV, HAPROXY_PORTS, free_port
+from serving.ingress import HAPROXY_ENV, HAPROXY_PORTS
+from serving.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LUA = """
@@ -112,10 +113,10 @@ def ceiling(package: str, image_path: Path, seconds: float, batch: int = 32) -> 
     model, metadata = load_model_dir(package)
     size = metadata.image_size
     body = image_path.read_bytes()
-    model.predict_on_batch(np.stack([decode_request(body, "image/jpeg", size, 40_000_000)] * batch))
+    model.predict_on_batch(np.stack([decode_request(body, "image/jpeg", size, 40_000_000, metadata.input.intensity)] * batch))
     images, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        model.predict_on_batch(np.stack([decode_request(body, "image/jpeg", size, 40_000_000) for _ in range(batch)]))
+        model.predict_on_batch(np.stack([decode_request(body, "image/jpeg", size, 40_000_000, metadata.input.intensity) for _ in range(batch)]))
         images += batch
     return {"images_per_sec": images / (time.perf_counter() - start), "batch": batch}
 

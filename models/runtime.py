@@ -13,9 +13,46 @@ from functools import lru_cache
 log = logging.getLogger(__name__)
 
 
+# What TensorFlow's C++ start-up writes to stderr on a machine without a GPU: absl lines before its logging is
+# initialised, the CUDA stub and cuInit failures (an "E" line that is not an error here), CPU feature notes.
+STARTUP_NOISE = ("All log messages before absl::InitializeLog()", "cudart_stub.cc", "cuda_platform.cc",
+                 "cpu_feature_guard.cc", "To enable the following instructions", "Unable to register cu",
+                 "TF-TRT Warning", "computation placer already registered", "cuda_dnn.cc", "cuda_fft.cc",
+                 "cuda_blas.cc", "oneDNN custom operations are on")
+
+
 def quiet_tensorflow() -> None:
-    """Keep TensorFlow's C++ start-up chatter off the console; must run before TensorFlow is imported."""
+    """Keep TensorFlow's Python-level log lines off the console; must run before TensorFlow is imported.
+    (Its C++ start-up lines ignore this: :func:`import_tensorflow` catches those.)"""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@lru_cache(maxsize=1)
+def import_tensorflow():
+    """Import TensorFlow and touch its devices with stderr (fd 2) caught, then write back every line that is
+    not known start-up noise. TF_CPP_MIN_LOG_LEVEL does not reach the lines absl prints before its logging is
+    initialised, nor the cuInit failure, so the descriptor itself is redirected."""
+    import sys
+    import tempfile
+
+    quiet_tensorflow()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)
+        captured = sink.read().decode(errors="replace")
+    kept = [line for line in captured.splitlines() if line.strip() and not any(n in line for n in STARTUP_NOISE)]
+    if kept:
+        print("\n".join(kept), file=sys.stderr, flush=True)
+    return tf
 
 
 def available_cpus() -> int:
@@ -52,8 +89,8 @@ def resolve_precision(requested: str) -> str:
 
 def configure_tensorflow(threads: int = 0, precision: str = "float32") -> dict:
     """Set TF's intra/inter-op threads, GPU memory growth and Keras' dtype policy; returns what was set."""
+    tf = import_tensorflow()
     import keras
-    import tensorflow as tf
 
     threads = threads or available_cpus()
     try:
@@ -67,3 +104,27 @@ def configure_tensorflow(threads: int = 0, precision: str = "float32") -> dict:
     resolved = resolve_precision(precision)
     keras.mixed_precision.set_dtype_policy("float32" if resolved == "float32" else f"mixed_{resolved}")
     return {"threads": threads, "precision": resolved}
+
+
+_stop_signals = 0
+
+
+def _on_stop_signal(signum, frame) -> None:
+    global _stop_signals
+    _stop_signals += 1
+    if _stop_signals > 1:  # a second Ctrl-C or SIGTERM: no more waiting
+        os.write(2, b"stopped at once\n")
+        os._exit(130)
+    os.write(2, b"stopping (Ctrl-C again to stop at once)\n")
+    raise KeyboardInterrupt
+
+
+def install_stop_handlers() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt once, for a clean stop; a second one exits at once.
+
+    Call it again after ``ray.init``: Ray's core worker installs a SIGTERM handler of its own that prints a
+    stack dump and dies without shutting anything down."""
+    import signal
+
+    signal.signal(signal.SIGINT, _on_stop_signal)
+    signal.signal(signal.SIGTERM, _on_stop_signal)

@@ -13,7 +13,7 @@ import sys
 def _data_check(args: argparse.Namespace) -> int:
     from models.dataset import load_splits, summarize
 
-    summary = summarize(load_splits(args.data, args.val_fraction, args.seed))
+    summary = summarize(load_splits(args.data, args.val_fraction, args.seed, validation=args.validation))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -22,6 +22,12 @@ def _data_check(args: argparse.Namespace) -> int:
     for name, row in summary["splits"].items():
         print(f"{name:<6} {row['NORMAL']:>7} {row['PNEUMONIA']:>10} {row['total']:>6} {row['patients']:>9}")
     print(f"train+val images: {summary['train_plus_val']}; patients in both train and val: {summary['patient_overlap']}")
+    if summary["series"]:
+        print(f"\n{'split':<6} {'series':<24} {'images':>7} {'patients':>9}  patient numbers")
+        for row in summary["series"]:
+            numbers = "-" if row["first"] is None else f"{row['first']}-{row['last']}"
+            print(f"{row['split']:<6} {row['series']:<24} {row['images']:>7} {row['patients']:>9}  {numbers}")
+        print()
     print(f"unreadable files: {len(summary['unreadable'])}")
     for path in summary["unreadable"]:
         print(f"  {path}")
@@ -59,10 +65,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from tuning.evaluate import evaluate
+    from tuning.evaluate import EvaluationOptions, evaluate
 
-    evaluate(args.model, args.experiment, args.data, args.target_sensitivity, args.reports, args.artifacts, args.name,
-             ensemble=args.ensemble)
+    options = EvaluationOptions(args.target_sensitivity, args.threshold_rule, not args.no_calibration, args.ood_method,
+                                args.ood_quantile)
+    evaluate(args.model, args.experiment, args.data, args.reports, args.artifacts, args.name, ensemble=args.ensemble,
+             options=options)
     return 0
 
 
@@ -83,7 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from serving.client import predict_files
 
-    return predict_files(args.images, args.url, args.token or "", args.explain)
+    return predict_files(args.images, args.url, args.token or "", args.explain, args.force)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -94,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _add_ingress_option(parser: argparse.ArgumentParser) -> None:
-    from serving.launch import INGRESS_MODES
+    from serving.ingress import INGRESS_MODES
 
     parser.add_argument("--ingress", choices=INGRESS_MODES, default="auto",
                         help="HTTP ingress of a local Ray: haproxy (Serve's high-throughput mode), python (Serve's "
@@ -102,6 +110,9 @@ def _add_ingress_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_data_commands(commands) -> None:
+    from models.config import DataConfig
+    from models.dataset import VALIDATION_SCHEMES
+
     data = commands.add_parser("data", help="check or download the chest X-ray data")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     check = data_commands.add_parser("check", help="counts per split and class, patients, overlap, unreadable files")
@@ -109,6 +120,8 @@ def _add_data_commands(commands) -> None:
     check.add_argument("--json", action="store_true", help="print JSON")
     check.add_argument("--val-fraction", type=float, default=0.15)
     check.add_argument("--seed", type=int, default=42)
+    check.add_argument("--validation", choices=VALIDATION_SCHEMES, default=DataConfig.validation,
+                       help=f"how validation is carved from train (default {DataConfig.validation})")
     check.set_defaults(handler=_data_check)
     download = data_commands.add_parser("download", help="fetch MedMNIST's npz, or unpack a Kaggle/Mendeley zip")
     download.add_argument("--size", type=int, default=224, help="MedMNIST image size: 64, 128 or 224")
@@ -141,7 +154,17 @@ def _add_model_commands(commands) -> None:
     source.add_argument("--experiment", help="a tuning experiment dir holding best.json")
     evaluate.add_argument("--data", help="data dir or .npz (default: the model's data.path, else $PNEUMONIA_DATA)")
     evaluate.add_argument("--target-sensitivity", type=float, metavar="S",
-                          help="screening threshold: the highest keeping validation sensitivity >= S (default: Youden's J)")
+                          help="screening threshold: the highest keeping validation sensitivity >= S")
+    evaluate.add_argument("--threshold-rule", choices=("plateau", "youden"), default="plateau",
+                          help="plateau (default): the centre of the thresholds whose validation Youden's J is within "
+                               "0.01 of the best; youden: the best J itself")
+    evaluate.add_argument("--no-calibration", action="store_true",
+                          help="threshold and serve the model's own probabilities (default: Platt scaling fitted on "
+                               "validation)")
+    evaluate.add_argument("--ood-method", choices=("mahalanobis", "knn", "msp", "energy", "none"), default="mahalanobis",
+                          help="the out-of-distribution gate's score (default mahalanobis; none = no gate)")
+    evaluate.add_argument("--ood-quantile", type=float, default=0.995,
+                          help="the gate refuses scores above this quantile of the validation films' (default 0.995)")
     evaluate.add_argument("--reports", default="reports", help="reports go to REPORTS/NAME/ (default: reports)")
     evaluate.add_argument("--artifacts", default="artifacts", help="packages go to ARTIFACTS/VERSION/ (default: artifacts)")
     evaluate.add_argument("--ensemble", type=int, default=1, metavar="N",
@@ -167,6 +190,8 @@ def _add_serving_commands(commands) -> None:
     predict.add_argument("--url", default="http://127.0.0.1:8000")
     predict.add_argument("--token", help="bearer token (default: $PNEUMONIA_API_TOKEN)")
     predict.add_argument("--explain", metavar="OUT.png", help="also save the Grad-CAM overlay (OUT-N.png for several)")
+    predict.add_argument("--force", action="store_true",
+                         help="classify images the out-of-distribution gate refuses (research use; marked in the output)")
     predict.set_defaults(handler=_predict)
 
     run = commands.add_parser("run", help="the main job: tune, evaluate on test once, export, serve, query")
@@ -192,17 +217,23 @@ def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. A :class:`PneumoniaError` (a user mistake: data, config, package, search) is one
     line on stderr and exit code 2; anything else is a bug and keeps its traceback."""
     from models.errors import PneumoniaError
-    from models.runtime import quiet_tensorflow
+    from models.runtime import install_stop_handlers, quiet_tensorflow
 
     args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress reaches logs and `ray job logs` as it happens
     quiet_tensorflow()
+    install_stop_handlers()
     try:
         return args.handler(args)
     except PneumoniaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # the first Ctrl-C or SIGTERM (models.runtime.install_stop_handlers)
+        from serving.local_ray import stop_ray
+
+        stop_ray()
+        print("stopped", file=sys.stderr)
         return 130
 
 

@@ -9,9 +9,13 @@ keeps serving until Ctrl-C; on a cluster it returns and the Serve application st
 
 from __future__ import annotations
 
+import csv
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+from tuning.report import display_path
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quick.yaml"
 
@@ -37,21 +41,63 @@ def resolve_data(data: str | None, log: Callable[[str], None]) -> str:
         ) from None
 
 
+def summary_lines(best: dict, report: dict, report_dir: Path, package_dir: Path, url: str, sample: str,
+                  answer: dict) -> list[str]:
+    """The short block a run ends with: where things are, what was chosen, what test said, how to query."""
+    test, intervals = report["test"], report["confidence_intervals"]
+
+    def metric(name: str, label: str) -> str:
+        low, high = intervals[name]
+        scale, digits = (1, 3) if name == "auc" else (100, 1)
+        return f"{label} {scale * test[name]:.{digits}f} ({scale * low:.{digits}f}-{scale * high:.{digits}f})"
+
+    members = report["model"]["produced_by"].get("ensemble") or []
+    chosen = (f"the mean of {len(members)} trials: " + ", ".join(f"{m['trial_id']} ({m['family']})" for m in members)
+              if len(members) > 1 else f"trial {best['trial_id']} ({best['family']})")
+    params = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(best["params"].items()))
+    gate = report.get("ood")
+    answered = f"{answer['label']}, P(pneumonia) {answer['probability']:.4f}"
+    if answer.get("out_of_distribution"):
+        answered += " (the gate would refuse it: out of distribution)"
+    return [
+        "",
+        "== pneumonia run: done ==",
+        f"experiment   {display_path(best['experiment'])}",
+        f"model        {chosen}; best trial's config: {params}",
+        f"test split   {sum(map(sum, test['confusion_matrix']))} images, threshold {test['threshold']:.3f} from validation; "
+        "95 % CI:",
+        f"             {metric('accuracy', 'accuracy %')}, {metric('sensitivity', 'sensitivity %')}, "
+        f"{metric('specificity', 'specificity %')}, {metric('auc', 'AUC')}",
+        *([f"OOD gate     {gate['method']}: refuses {100 * gate['test_refusal_rate']:.1f} % of test films; "
+           + ", ".join(f"{k['kind']} {100 * k['detection_rate']:.0f} %" for k in gate["kinds"])] if gate else []),
+        f"report       {display_path(report_dir / 'report.md')}",
+        f"package      {display_path(package_dir)}",
+        f"endpoint     {url}  (a page to drop films on: {url}/, OpenAPI: {url}/docs)",
+        f"first query  {display_path(sample)} -> {answered}",
+        f"try          curl -X POST -H 'Content-Type: image/jpeg' --data-binary @{display_path(sample)} {url}/predict",
+        "",
+    ]
+
+
 def run_end_to_end(config_path: str | None = None, address: str | None = None, data: str | None = None,
-                 overrides: list[str] | None = None, port: int = 8000, block: bool = True,
-                 log: Callable[[str], None] = print, ingress: str = "auto") -> dict:
+                   overrides: list[str] | None = None, port: int = 8000, block: bool = True,
+                   log: Callable[[str], None] = print, ingress: str = "auto") -> dict:
+    """Search, evaluate once on test, export, serve, query once; blocks serving unless on a cluster."""
     from models.config import load_config
     from serving.client import classify
-    from serving.launch import serve_forever, serve_model, set_ingress_environment
+    from serving.ingress import claim_port, set_ingress_environment
+    from serving.launch import serve_forever, serve_model
     from tuning.config import TuneConfig
     from tuning.evaluate import evaluate
     from tuning.experiment import is_remote
     from tuning.search import run_search
 
+    started = time.time()
     address = address or os.environ.get("RAY_ADDRESS") or None  # inside `ray job submit`: that cluster
     data_path = resolve_data(data, log)
-    if not address:  # the local Ray started below serves too: its HTTP ingress is chosen before it starts
-        log(f"HTTP ingress: {set_ingress_environment(ingress)}")
+    if not address:  # the local Ray started below serves too: its port and HTTP ingress are settled first
+        claim_port(port, log)
+        log(f"HTTP ingress: {set_ingress_environment(ingress, port)}")
     config = load_config(TuneConfig, config_path or DEFAULT_CONFIG, [*(overrides or []), f"train.data.path={data_path}"])
     best = run_search(config, address, log=log)
     experiment = Path(best["checkpoint_path"]).parent if is_remote(config.storage_path) else Path(best["experiment"])
@@ -59,27 +105,15 @@ def run_end_to_end(config_path: str | None = None, address: str | None = None, d
                       reports_dir=Path("reports"), artifacts_dir=Path("artifacts"), log=log,
                       ensemble=config.ensemble)
     url = serve_model(str(result.package_dir), address=address, port=port, block=False, log=log)
-    first = result.report_dir / "predictions.csv"
-    with open(first) as f:
-        next(f)
-        sample = next(f).split(",")[0]
-    answer = classify(sample, url, os.environ.get("PNEUMONIA_API_TOKEN", ""))
-    test = result.report["test"]
-    log("")
-    log(f"experiment:     {best['experiment']}")
-    log(f"best config:    trial {best['trial_id']} ({best['family']}): "
-        + ", ".join(f"{k}={v}" for k, v in sorted(best["params"].items())))
-    log(f"test metrics:   threshold {test['threshold']:.4f} (chosen on validation)")
-    log(f"  accuracy {test['accuracy']:.4f}  AUC {test['auc']:.4f}  sensitivity {test['sensitivity']:.4f}  "
-        f"specificity {test['specificity']:.4f}  (on {sum(map(sum, test['confusion_matrix']))} test images)")
-    log(f"report:         {result.report_dir / 'report.md'}")
-    log(f"package:        {result.package_dir}")
-    log(f"endpoint:       {url}  ({url}/ in a browser)")
-    log(f"queried once:   {sample} -> {answer['label']} {answer['probability']:.4f}")
-    log(f"try:            curl -X POST -H 'Content-Type: image/jpeg' --data-binary @{sample} {url}/predict")
+    with open(result.report_dir / "predictions.csv", newline="") as f:
+        sample = next(csv.DictReader(f))["path"]
+    # force: the first query shows the endpoint answering; a film the gate refuses still gets its label, marked
+    answer = classify(sample, url, os.environ.get("PNEUMONIA_API_TOKEN", ""), force=True)
+    for line in summary_lines(best, result.report, result.report_dir, result.package_dir, url, sample, answer):
+        log(line)
+    log(f"first answer {time.time() - started:.0f} s after the start")
     summary = {"best": best, "report_dir": str(result.report_dir), "package_dir": str(result.package_dir),
                "url": url, "sample": sample, "answer": answer}
     if block and not address:
-        log("serving until Ctrl-C")
-        serve_forever(address)
+        serve_forever(address, log)
     return summary

@@ -4,7 +4,9 @@ and its trials' results as written on disk. Shared by the search, evaluation, en
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 from models.download import default_cache_dir
@@ -52,13 +54,70 @@ def experiment_path(config: TuneConfig) -> str:
     return join_uri(local_storage(config.storage_path), config.name)
 
 
+def study_name(config: TuneConfig) -> str:
+    """The Optuna study: the experiment's own, unless the config names an earlier one to continue."""
+    return config.study_name or config.name
+
+
 def study_storage_url(config: TuneConfig) -> str:
-    """Optuna's RDB URL: the configured one, else sqlite beside a local experiment (or in the cache)."""
+    """Optuna's RDB URL: the configured one, else a sqlite file named after the study, beside a local
+    experiment (or in the cache for remote storage)."""
     if config.study_storage:
         return config.study_storage
     base = default_cache_dir() if is_remote(config.storage_path) else Path(local_storage(config.storage_path))
     base.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{base / (config.name + '-optuna.db')}"
+    return f"sqlite:///{base / (study_name(config) + '-optuna.db')}"
+
+
+STAMP = "%Y%m%d-%H%M%S"
+
+
+def _stamped(name: str, base: str) -> bool:
+    stamp = name[len(base) + 1:]
+    if not name.startswith(base + "-") or len(stamp) != 15:
+        return False
+    try:
+        datetime.strptime(stamp, STAMP)
+    except ValueError:
+        return False
+    return True
+
+
+def experiment_names(config: TuneConfig) -> list[str]:
+    """Experiments in the storage that a run of this config made: NAME and NAME-<UTC time>, oldest first."""
+    import pyarrow.fs
+
+    base = config.name
+    fs, root = pyarrow.fs.FileSystem.from_uri(local_storage(config.storage_path) if is_remote(config.storage_path)
+                                              else Path(local_storage(config.storage_path)).as_uri())
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return []
+    names = [info.base_name for info in infos if info.type == pyarrow.fs.FileType.Directory]
+    return sorted(n for n in names if n == base or _stamped(n, base))
+
+
+def name_experiment(config: TuneConfig, resume: bool) -> tuple[TuneConfig, str]:
+    """(the config with the experiment's final name, a line saying what happens). A fresh run gets
+    NAME-<UTC time> (``unique_name``) or exactly NAME, refused if that exists; ``resume`` takes the newest
+    experiment of this config."""
+    if resume:
+        made = experiment_names(config)
+        if not made:
+            raise SearchError(f"nothing to resume: no experiment {config.name} or {config.name}-<time> under "
+                              f"{local_storage(config.storage_path)}")
+        named = dataclasses.replace(config, name=made[-1])
+        return named, f"resuming experiment {made[-1]} (its Optuna study continues)"
+    name = f"{config.name}-{datetime.now(timezone.utc):{STAMP}}" if config.unique_name else config.name
+    named = dataclasses.replace(config, name=name)
+    if not config.unique_name and name in experiment_names(config):
+        raise SearchError(f"experiment {name} already exists under {local_storage(config.storage_path)}: pass --resume "
+                          "to continue it, or --set name=NEW for a new one (unique_name=true stamps the time)")
+    study = study_name(named)
+    said = f"new experiment {name}, " + (f"continuing the Optuna study {study} (study_name)" if config.study_name
+                                         else "with a fresh Optuna study")
+    return named, said
 
 
 def parse_result_lines(text: str) -> list[dict]:

@@ -31,48 +31,10 @@ from tuning.experiment import (
     is_remote,
     join_uri,
     local_storage,
+    name_experiment,
+    study_name,
     study_storage_url,
 )
-
-
-def print_line(line: str) -> None:
-    print(line, flush=True)
-
-
-class CompactProgress:
-    """One line per reported result instead of Tune's redrawn tables."""
-
-    @staticmethod
-    def make(log: Callable[[str], None]):
-        """``log`` must pickle by reference (a module-level function): Tune pickles its callbacks with the
-        experiment state, and a Ray job's patched ``print`` does not pickle."""
-        from ray import tune
-
-        class _Progress(tune.Callback):
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                config = trial.config
-                log(
-                    f"[{time.strftime('%H:%M:%S')}] {trial.trial_id} {config.get('model.family', '?'):<9} "
-                    f"epoch {result.get('epoch', result.get('training_iteration'))}  "
-                    f"{METRIC} {result.get(METRIC, float('nan')):.4f}  "
-                    f"val_acc {result.get('val_accuracy', float('nan')):.4f}  "
-                    f"loss {result.get('loss', float('nan')):.4f}  "
-                    f"{result.get('images_per_sec', 0):.0f} img/s"
-                )
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                log(f"[{time.strftime('%H:%M:%S')}] {trial.trial_id} finished "
-                    f"(best {METRIC} {trial.metric_analysis.get(METRIC, {}).get(MODE, float('nan')):.4f})")
-
-            def on_trial_recover(self, iteration, trials, trial, **info):
-                log(f"[{time.strftime('%H:%M:%S')}] {trial.trial_id} lost its worker or failed; retrying from its "
-                    "last checkpoint")
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                log(f"[{time.strftime('%H:%M:%S')}] {trial.trial_id} failed for good (max_failures reached); "
-                    f"see {trial.path}/error.txt")
-
-        return _Progress()
 
 
 def make_search(config: TuneConfig):
@@ -100,7 +62,7 @@ def make_search(config: TuneConfig):
         metric=BEST_SO_FAR,
         mode=MODE,
         sampler=optuna.samplers.TPESampler(seed=config.seed),
-        study_name=config.name,
+        study_name=study_name(config),
         storage=optuna.storages.RDBStorage(study_storage_url(config)),
         points_to_evaluate=config.points_to_evaluate or None,
     )
@@ -122,13 +84,16 @@ def make_trainable(config: TuneConfig):
 def run_config(config: TuneConfig):
     from ray import tune
 
+    from tuning.progress import SearchProgress
+
     return tune.RunConfig(
         name=config.name,
         storage_path=local_storage(config.storage_path),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=config.num_to_keep, checkpoint_score_attribute=METRIC,
                                                 checkpoint_score_order=MODE),
         failure_config=tune.FailureConfig(max_failures=config.max_failures),
-        callbacks=[CompactProgress.make(print_line)],
+        sync_config=tune.SyncConfig(sync_artifacts=True),  # each trial's trial.log lands in its trial dir
+        callbacks=[SearchProgress(config.num_samples, config.train.epochs, config.time_budget_s)],
         verbose=0,
     )
 
@@ -189,14 +154,21 @@ def run_search(config: TuneConfig, address: str | None = None, resume: bool = Fa
     import ray
     from ray import tune
 
+    from serving.local_ray import start_ray
     from tuning.trainable import trial_dirname
 
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C / SIGTERM stop at once (see models.runtime)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no boxes; tuning.progress reports
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created" is said by name_experiment
     address = address or os.environ.get("RAY_ADDRESS") or None
+    config, said = name_experiment(config, resume)  # before Ray starts: a mistake costs a second
     path = experiment_path(config)
-    if resume and not tune.Tuner.can_restore(path):  # before Ray starts: a mistake costs a second
-        raise SearchError(f"nothing to resume at {path}")
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, include_dashboard=None if address else False)
+    if resume and not tune.Tuner.can_restore(path):
+        raise SearchError(f"nothing to resume at {path}: the experiment has no saved state")
+    log(said)
+    start_ray(address)  # trials log to their own trial.log; the console gets the progress lines
     alive = sum(1 for node in ray.nodes() if node.get("Alive"))
     check_storage(config, alive)
     resources = ray.cluster_resources()
@@ -232,7 +204,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. num_samples=4")
     parser.add_argument("--data", help="data dir or .npz on every node (default: train.data.path, $PNEUMONIA_DATA)")
     parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--resume", action="store_true", help="continue the interrupted experiment of this name")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the newest experiment of this config (NAME or NAME-<time>) instead of a new one")
     return parser
 
 

@@ -105,7 +105,7 @@ def test_ray_up_and_ray_submit_a_tiny_search(sshd, tmp_path):
         sets = ["num_samples=2", "max_concurrent=2", "train.epochs=1", "grace_period=1", "space.families=[cnn]",
                 "space.cnn_image_sizes=[64]", "space.cnn_depth=[2,3]", "space.cnn_base_filters=[8]",
                 "train.data.max_train_images=96", "train.data.max_val_images=64", "points_to_evaluate=[]",
-                f"storage_path={storage}", "name=submitted", "train.mixed_precision=float32"]
+                f"storage_path={storage}", "name=submitted", "unique_name=false", "train.mixed_precision=float32"]
         submit = subprocess.run(
             [str(BIN / "ray"), "submit", str(config_path), str(REPO / "tuning" / "search.py"), "--",
              "--address", f"127.0.0.1:{port}", "--data", data, *[a for s in sets for a in ("--set", s)]],

@@ -47,8 +47,10 @@ def test_end_to_end_job_tunes_evaluates_serves_and_answers_like_the_evaluation(t
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     printed = result.stdout
-    for label in ("experiment:", "best config:", "test metrics:", "report:", "endpoint:", "curl -X POST"):
-        assert label in printed
+    for label in ("== pneumonia run: done ==", "\nexperiment   ", "\nmodel        the mean of 2 trials",
+                  "\ntest split   ", "95 % CI", "\nreport       ", "\nendpoint     ", "curl -X POST"):
+        assert label in printed, label
+    assert "(train_trial pid=" not in printed and "cuInit" not in result.stderr  # no worker or TF start-up noise
     summary = json.loads(next(line for line in printed.splitlines() if line.startswith("SUMMARY "))[8:])
     rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / summary["report_dir"] / "predictions.csv"))}
     assert len(rows) == 16

@@ -1,0 +1,146 @@
+"""Stopping as a service manager does: SIGTERM to the process group of a serving `pneumonia serve` and of a
+`pneumonia run` in its search; SIGTERM then SIGKILL, then the next server on the same port. Each process is
+found by what marks it as this run's: its Ray temp dir, its HAProxy config dir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from serving.ingress import our_haproxy
+from serving.launch import free_port
+from tests.services import BIN, group_alive, stop_group
+from tuning.cli import main
+
+pytestmark = pytest.mark.slow
+TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8", "batch_size=8",
+        "mixed_precision=float32", "epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    from tests.conftest import write_split
+
+    root = tmp_path_factory.mktemp("stop")
+    write_split(root / "data" / "train", patients=12, seed=1)
+    write_split(root / "data" / "test", patients=4, seed=2, offset=500)
+    assert main(["train", "--data", str(root / "data"), "--output", str(root / "model"),
+                 *[a for s in TINY for a in ("--set", s)]]) == 0
+    assert main(["evaluate", "--model", str(root / "model"), "--reports", str(root / "reports"),
+                 "--artifacts", str(root / "artifacts"), "--ood-method", "none"]) == 0
+    (pkg,) = (root / "artifacts").iterdir()
+    return pkg, root / "data"
+
+
+def _ray_processes(temp: Path) -> list[int]:
+    """Live processes of the Ray whose temp dir is ``temp`` (their command lines name its session dir)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        if process.info["status"] != psutil.STATUS_ZOMBIE and str(temp) in " ".join(process.info["cmdline"] or []):
+            found.append(process.pid)
+    return found
+
+
+def _start(args: list[str], tmp_path: Path, name: str) -> tuple[subprocess.Popen, Path, Path]:
+    temp = Path(f"/tmp/rs-{os.getpid()}-{name}")  # short: Ray's socket paths must stay under 107 bytes
+    log = tmp_path / f"{name}.log"
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_AUTH_MODE": "disabled"}
+    process = subprocess.Popen([str(BIN / "pneumonia"), *args], cwd=tmp_path, env=env, stdout=open(log, "w"),
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    return process, temp, log
+
+
+def _wait(condition, what: str, process: subprocess.Popen, log: Path, timeout: float = 400.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"exited while waiting for {what}: {log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no {what} after {timeout:.0f} s: {log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metadata", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _stopped_cleanly(process: subprocess.Popen, temp: Path, port: int, log: Path) -> float:
+    """SIGTERM to the group; returns seconds to exit; checks one stop line, no dumps, nothing left behind."""
+    started = time.time()
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=120)
+    seconds = time.time() - started
+    deadline = time.time() + 60  # processes the run stopped may take a moment to be reaped
+    while (_ray_processes(temp) or our_haproxy(port)) and time.time() < deadline:
+        time.sleep(0.5)
+    output = log.read_text()
+    assert output.count("stopping (Ctrl-C again to stop at once)") == 1 and "stopped" in output, output[-3000:]
+    assert "SIGTERM received" not in output and "Traceback" not in output, output[-3000:]
+    assert not _ray_processes(temp) and not our_haproxy(port), "processes of the stopped run are still running"
+    print(f"exited {seconds:.1f} s after SIGTERM")
+    return seconds
+
+
+def test_sigterm_stops_a_serving_pneumonia_serve_and_leaves_nothing(package, tmp_path):
+    port = free_port()
+    process, temp, log = _start(["serve", "--model", str(package[0]), "--port", str(port)], tmp_path, "serve")
+    try:
+        _wait(lambda: _healthy(port) and "serving until Ctrl-C" in log.read_text(), "endpoint", process, log)
+        assert our_haproxy(port) and _ray_processes(temp)
+        assert process.returncode is None
+        _stopped_cleanly(process, temp, port, log)
+        assert process.returncode == 130
+    finally:
+        stop_group(process)
+
+
+def test_sigterm_stops_pneumonia_run_in_its_search_and_leaves_nothing(package, tmp_path):
+    port = free_port()
+    sets = ["num_samples=4", "max_concurrent=2", "train.epochs=200", "grace_period=200", "space.families=[cnn]",
+            "space.cnn_image_sizes=[32]", "space.cnn_depth=[2,2]", "space.cnn_base_filters=[4]",
+            "points_to_evaluate=[]", f"storage_path={tmp_path / 'results'}", "train.mixed_precision=float32"]
+    process, temp, log = _start(["run", "--data", str(package[1]), "--port", str(port),
+                                 *[a for s in sets for a in ("--set", s)]], tmp_path, "run")
+    try:
+        _wait(lambda: " epoch 1/200" in log.read_text(), "a trial's first epoch", process, log)
+        _stopped_cleanly(process, temp, port, log)
+    finally:
+        stop_group(process)
+
+
+def test_after_sigterm_then_sigkill_the_next_server_on_that_port_comes_up(package, tmp_path):
+    """As a service manager gives up: SIGTERM, then SIGKILL 2 s later (the 2 s are the scenario, not a wait
+    for a condition). Whatever of the first server survives must not keep the port from the second."""
+    port = free_port()
+    first, temp, log = _start(["serve", "--model", str(package[0]), "--port", str(port)], tmp_path, "first")
+    try:
+        _wait(lambda: _healthy(port) and "serving until Ctrl-C" in log.read_text(), "first endpoint", first, log)
+        os.killpg(first.pid, signal.SIGTERM)
+        time.sleep(2)
+        if group_alive(first.pid):
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        stop_group(first)
+    second, temp2, log2 = _start(["serve", "--model", str(package[0]), "--port", str(port)], tmp_path, "second")
+    try:
+        _wait(lambda: _healthy(port) and "serving until Ctrl-C" in log2.read_text(), "second endpoint on the same port",
+              second, log2)
+        _stopped_cleanly(second, temp2, port, log2)
+    finally:
+        stop_group(second)
+    deadline = time.time() + 60  # the first server's Ray went down with its killed driver
+    while _ray_processes(temp) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes(temp)

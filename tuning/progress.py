@@ -26,13 +26,13 @@ def _clock(seconds: float) -> str:
 
 def describe(params: dict) -> str:
     """A trial's sampled parameters in a line: short keys, 3 significant digits, augmentations that are off left out."""
-    shown = []
+    shown: dict[str, str] = {}  # by short name: lite.image_size and model.image_size say the same once
     for key, value in sorted(params.items()):
         name = key.split(".")[-1]
-        if key == "model.family" or (name.startswith("augment_") and not value):
+        if key == "model.family" or (name.startswith("augment_") and not value) or name in shown:
             continue
-        shown.append(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}")
-    return ", ".join(shown)
+        shown[name] = f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
+    return ", ".join(shown.values())
 
 
 class SearchProgress(tune.Callback):

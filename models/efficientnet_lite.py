@@ -195,7 +195,7 @@ def build_efficientnet_lite(config: ModelConfig):
     """
     import keras
 
-    from models.networks import WeightsUnavailableError, _head
+    from models.networks import _head, load_backbone_weights
 
     variant = config.family
     inputs = keras.Input((config.image_size, config.image_size, 1), name="image")
@@ -208,15 +208,7 @@ def build_efficientnet_lite(config: ModelConfig):
         # through a throwaway classifier around the same backbone: the cache file holds the classifier's weights
         _imagenet_classifier(backbone, variant).load_weights(imagenet_weights(variant))
     elif weights.lower() not in ("none", ""):
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise WeightsUnavailableError(
-                f"model.weights={weights!r} is neither 'imagenet', 'none' nor an existing weights file"
-            )
-        try:
-            backbone.load_weights(str(path))
-        except Exception as exc:
-            raise WeightsUnavailableError(f"{path} does not hold {variant} backbone weights: {exc}") from exc
+        load_backbone_weights(backbone, weights, f"{variant} backbone weights")
     _freeze_stages(backbone, config.trainable_blocks)
     features = backbone(scaled)  # the last feature maps stay visible for Grad-CAM
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)

@@ -67,8 +67,13 @@ def _inception_backbone(config: ModelConfig):
                 "(or a .weights.h5 saved from an InceptionV3 backbone) copied from a machine that has them."
             ) from exc
     backbone = keras.applications.InceptionV3(include_top=False, weights=None, input_shape=shape)
-    if weights.lower() in ("none", ""):
-        return backbone
+    if weights.lower() not in ("none", ""):
+        load_backbone_weights(backbone, weights, "InceptionV3 backbone weights (include_top=False)")
+    return backbone
+
+
+def load_backbone_weights(backbone, weights: str, what: str) -> None:
+    """``model.weights`` as a file path: load it into ``backbone``, or say plainly why not."""
     path = Path(weights).expanduser()
     if not path.is_file():
         raise WeightsUnavailableError(
@@ -77,8 +82,7 @@ def _inception_backbone(config: ModelConfig):
     try:
         backbone.load_weights(str(path))
     except Exception as exc:
-        raise WeightsUnavailableError(f"{path} does not hold InceptionV3 backbone weights (include_top=False): {exc}") from exc
-    return backbone
+        raise WeightsUnavailableError(f"{path} does not hold {what}: {exc}") from exc
 
 
 def _freeze_blocks(backbone, trainable_blocks: int) -> None:

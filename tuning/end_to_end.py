@@ -54,7 +54,9 @@ def summary_lines(best: dict, report: dict, report_dir: Path, package_dir: Path,
     members = report["model"]["produced_by"].get("ensemble") or []
     chosen = (f"the mean of {len(members)} trials: " + ", ".join(f"{m['trial_id']} ({m['family']})" for m in members)
               if len(members) > 1 else f"trial {best['trial_id']} ({best['family']})")
-    params = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in sorted(best["params"].items()))
+    from tuning.progress import describe
+
+    params = describe(best["params"])
     gate = report.get("ood")
     answered = f"{answer['label']}, P(pneumonia) {answer['probability']:.4f}"
     if answer.get("out_of_distribution"):

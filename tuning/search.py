@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -162,6 +163,8 @@ def run_search(config: TuneConfig, address: str | None = None, resume: bool = Fa
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created" is said by name_experiment
+    # "The `on_step_begin` operation took 0.6 s": Tune's own loop on a busy machine, nothing a user can act on
+    logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
     address = address or os.environ.get("RAY_ADDRESS") or None
     config, said = name_experiment(config, resume)  # before Ray starts: a mistake costs a second
     path = experiment_path(config)

@@ -111,7 +111,7 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
 
     entered = time.perf_counter()
     config = trial_config(base, params)
-    config = dataclasses.replace(config, name=f"{config.name}-{tune.get_context().get_trial_id()}")
+    config = dataclasses.replace(config, name=f"{config.model.family}-{tune.get_context().get_trial_id()}")
     log(f"trial {config.name}: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
     # Threads and GPU memory growth before any TF op; fractional GPUs then share a card.
     runtime = configure_tensorflow(_trial_cpus(), config.mixed_precision)

@@ -2,7 +2,7 @@
 
 For each model directory given: its embeddings and probabilities on a stratified subset of the training
 films (to fit), the validation films (the threshold: their 99.5th percentile) and the OOD check set
-(``tuning.ood_set``: photos, documents, other imaging, synthetic images, transformed chest films). Per score
+(``evaluation.ood_set``: photos, documents, other imaging, synthetic images, transformed chest films). Per score
 (``models.ood.METHODS``): AUROC of each OOD kind against the validation films, the share refused at the
 threshold, and the validation refusal rate. Also the serving cost of the gate: the score's own time per image
 next to the model call's.
@@ -23,14 +23,13 @@ import numpy as np
 def measure(model_dir: str, data: str | None, quantile: float, train_images: int) -> dict:
     from sklearn.metrics import roc_auc_score
 
-    from models.config import from_dict
+    from evaluation.evaluate import load_evaluation_data, predict_with_embedding
+    from evaluation.ood_set import ood_images
+    from evaluation.report import films_to_transform
+    from models.config import TrainConfig, from_dict
     from models.dataset import stratified_subset
     from models.ood import METHODS, fit_gate, with_embedding
     from models.package import load_model_dir
-    from tuning.config import TrainConfig
-    from tuning.evaluate import load_evaluation_data, predict_with_embedding
-    from tuning.ood_set import ood_images
-    from tuning.report import films_to_transform
 
     model, metadata = load_model_dir(model_dir)
     served = with_embedding(model)

@@ -25,10 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 def size_rates(sizes: list[int], steps: int, batch_size: int) -> dict[int, float]:
     import dataclasses
 
-    from models.config import load_config
-    from models.runtime import configure_tensorflow
     from benchmarks.train_throughput import model_images_per_sec
-    from tuning.config import TrainConfig
+    from models.config import TrainConfig, load_config
+    from models.runtime import configure_tensorflow
 
     configure_tensorflow(0, "float32")
     base = load_config(TrainConfig, REPO / "tuning" / "configs" / "train-cnn.yaml").model

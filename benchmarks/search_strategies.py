@@ -16,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tuning.experiment import METRIC, read_trial_results
+from models.package import METRIC
+from tuning.experiment import read_trial_results
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,8 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serving.ingress import HAPROXY_ENV, HAPROXY_PORTS
-from serving.launch import free_port
+from serving.ingress import HAPROXY_ENV, HAPROXY_PORTS, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LUA = """

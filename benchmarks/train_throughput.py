@@ -20,8 +20,8 @@ import numpy as np
 def model_images_per_sec(model_config, precision: str, batch_size: int, steps: int, warmup: int = 3) -> float:
     import keras
 
+    from models.config import TrainConfig
     from models.networks import build_model
-    from tuning.config import TrainConfig
     from tuning.train import compile_model
 
     keras.mixed_precision.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
@@ -59,10 +59,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    from models.config import load_config
+    from models.config import TrainConfig, load_config
     from models.dataset import load_splits
     from models.runtime import available_cpus, configure_tensorflow
-    from tuning.config import TrainConfig
 
     runtime = configure_tensorflow(0, "float32")
     cnn = load_config(TrainConfig, "tuning/configs/train-cnn.yaml").model

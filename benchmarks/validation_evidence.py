@@ -43,7 +43,7 @@ SCHEME_MODELS = {
 
 
 def operating_points(labels: np.ndarray, probabilities: np.ndarray) -> dict:
-    from tuning.metrics import binary_report, sensitivity_threshold
+    from evaluation.metrics import binary_report, sensitivity_threshold
 
     at_95 = binary_report(labels, probabilities, sensitivity_threshold(labels, probabilities, 0.95))
     at_half = binary_report(labels, probabilities, 0.5)
@@ -53,15 +53,14 @@ def operating_points(labels: np.ndarray, probabilities: np.ndarray) -> dict:
 
 
 def train_config(data: str, epochs: int, overrides: list[str]):
-    from models.config import load_config
-    from tuning.config import TrainConfig
+    from models.config import TrainConfig, load_config
 
     return load_config(TrainConfig, overrides=[f"data.path={data}", f"epochs={epochs}", *overrides])
 
 
 def predict(model, split, config) -> np.ndarray:
+    from evaluation.evaluate import predict_split
     from models.preprocessing import InputContract
-    from tuning.evaluate import predict_split
 
     return predict_split(model, split, InputContract(config.model.image_size, intensity=config.data.intensity))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from models.errors import PneumoniaError
+from models.paths import default_cache_dir
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 EXPECTED_LAYOUT = (
@@ -189,8 +190,6 @@ def find_unreadable_cached(paths: list[str]) -> list[str]:
     """:func:`find_unreadable`, remembered in the cache dir for this exact set of files (path, size, modification
     time): every trial of a search lists the data, and decoding all of it each time cost seconds per trial."""
     import json
-
-    from models.download import default_cache_dir
 
     digest = hashlib.sha256()
     for path in paths:

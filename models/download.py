@@ -16,6 +16,7 @@ from pathlib import Path
 
 from models.dataset import detect_layout
 from models.errors import PneumoniaError
+from models.paths import default_cache_dir
 
 # MedMNIST v2 (MedMNIST+ sizes), Zenodo record 10519652; MD5 sums as published by the medmnist package.
 MEDMNIST_FILES = {
@@ -27,10 +28,6 @@ MEDMNIST_FILES = {
 
 class DownloadError(PneumoniaError):
     """A download that failed or did not match its checksum; nothing was left behind."""
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PNEUMONIA_CACHE", Path.home() / ".cache" / "pneumonia")).expanduser()
 
 
 def fetch(url: str, destination: Path, md5: str, timeout: float = 60.0) -> Path:

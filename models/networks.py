@@ -9,27 +9,13 @@ mixed-precision policy.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 from models.config import ConfigError, ModelConfig
-from models.errors import PneumoniaError
+from models.efficientnet_lite import build_efficientnet_lite
+from models.head import WeightsUnavailableError, head, load_backbone_weights
 
 INCEPTION_BLOCKS = 11  # InceptionV3's "mixed0" .. "mixed10"
 LITE_FAMILIES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
-
-
-class WeightsUnavailableError(PneumoniaError):
-    """Pretrained weights were asked for but cannot be had."""
-
-
-def _head(x, config: ModelConfig):
-    import keras
-
-    x = keras.layers.Dropout(config.dropout, name="head_dropout_1")(x)
-    x = keras.layers.Dense(config.dense_units, activation="relu", name="head_dense")(x)
-    x = keras.layers.Dropout(config.dropout, name="head_dropout_2")(x)
-    # float32 output keeps probabilities and the loss exact under bfloat16/float16 policies.
-    return keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="pneumonia_probability")(x)
 
 
 def build_cnn(config: ModelConfig):
@@ -48,7 +34,7 @@ def build_cnn(config: ModelConfig):
             x = keras.layers.ReLU(name=f"block{block}_relu{conv}")(x)
         x = keras.layers.MaxPooling2D(name=f"block{block}_pool")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    return keras.Model(inputs, _head(x, config), name="cnn")
+    return keras.Model(inputs, head(x, config), name="cnn")
 
 
 def _inception_backbone(config: ModelConfig):
@@ -70,19 +56,6 @@ def _inception_backbone(config: ModelConfig):
     if weights.lower() not in ("none", ""):
         load_backbone_weights(backbone, weights, "InceptionV3 backbone weights (include_top=False)")
     return backbone
-
-
-def load_backbone_weights(backbone, weights: str, what: str) -> None:
-    """``model.weights`` as a file path: load it into ``backbone``, or say plainly why not."""
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise WeightsUnavailableError(
-            f"model.weights={weights!r} is neither 'imagenet', 'none' nor an existing weights file"
-        )
-    try:
-        backbone.load_weights(str(path))
-    except Exception as exc:
-        raise WeightsUnavailableError(f"{path} does not hold {what}: {exc}") from exc
 
 
 def _freeze_blocks(backbone, trainable_blocks: int) -> None:
@@ -114,16 +87,11 @@ def build_inception(config: ModelConfig):
     _freeze_blocks(backbone, config.trainable_blocks)
     features = backbone(scaled)  # the last feature maps stay visible for Grad-CAM
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
-    return keras.Model(inputs, _head(pooled, config), name="inception")
+    return keras.Model(inputs, head(pooled, config), name="inception")
 
 
-def _build_lite(config: ModelConfig):
-    from models.efficientnet_lite import build_efficientnet_lite
-
-    return build_efficientnet_lite(config)
-
-
-FAMILIES: dict[str, Callable] = {"cnn": build_cnn, "inception": build_inception, **dict.fromkeys(LITE_FAMILIES, _build_lite)}
+FAMILIES: dict[str, Callable] = {"cnn": build_cnn, "inception": build_inception,
+                                 **dict.fromkeys(LITE_FAMILIES, build_efficientnet_lite)}
 
 
 def build_model(config: ModelConfig):

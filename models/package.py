@@ -30,6 +30,9 @@ MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
 CHECKSUM_FILE = "SHA256SUMS"
 SCHEMA_VERSION = 2  # 1: the untyped dicts written before PackageMetadata (no schema_version key)
+# What a model is chosen by (its best epoch, a search's best trial, an ensemble's members): validation ROC AUC,
+# higher is better; a key of the validation metrics in metadata and best.json
+METRIC, MODE = "val_auc", "max"
 
 
 class PackageError(PneumoniaError, ValueError):
@@ -72,7 +75,7 @@ class PackageMetadata:
     class_names: list[str]
     positive_class: str
     input: InputContract
-    config: dict  # the TrainConfig (tuning.config) that trained it, as a mapping
+    config: dict  # the TrainConfig (models.config) that trained it, as a mapping
     threshold: float
     threshold_method: str
     created_at: str

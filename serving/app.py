@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
+from models.runtime import configure_tensorflow
 from serving.schema import PREDICT_REQUEST, Health, Metadata, Prediction, errors
 from serving.service import ClassifierService, OutOfDistribution
 from serving.settings import AUTOSCALING, ServeSettings
@@ -44,8 +45,6 @@ class Classifier:
     quarter of the server's CPU per request: see BENCHMARKS.md.)"""
 
     def __init__(self, settings: ServeSettings):
-        from models.runtime import configure_tensorflow
-
         cpus = int(os.environ.get("OMP_NUM_THREADS") or 1)  # Ray sets it to the replica's num_cpus
         configure_tensorflow(cpus, "float32")
         self.service = ClassifierService(settings)

@@ -7,6 +7,8 @@ import io
 
 import numpy as np
 
+from models.preprocessing import decode_image, preprocess
+
 IMAGE_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG"}
 DICOM_TYPE = "application/dicom"
 ACCEPTED_TYPES = (*IMAGE_TYPES, DICOM_TYPE)
@@ -66,8 +68,6 @@ def decode_request(body: bytes, content_type: str, image_size: int, max_pixels: 
     """Request bytes -> the model input (S, S, 1) float32, through the training preprocessing (the package's
     input contract gives ``image_size`` and ``intensity``)."""
     from PIL import Image, UnidentifiedImageError
-
-    from models.preprocessing import decode_image, preprocess
 
     if not body:
         raise InvalidImage("empty request body: send the image bytes")

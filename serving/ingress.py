@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,12 +66,17 @@ def haproxy_config(port: int) -> str:
     return f"{HAPROXY_ROOT}/{port}/haproxy.cfg"
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS picks it); whoever binds it next should do so soon."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 def set_ingress_environment(mode: str = "auto", port: int = 8000) -> str:
     """Resolve ``mode`` and set the environment a Ray this process is about to start reads (Ray's processes
     read it at start): HAProxy's switches, its config and socket under /tmp/pneumonia-haproxy/PORT/, and free
     stats and metrics ports unless set, so two servers on one host do not collide. Returns the ingress."""
-    from serving.launch import free_port
-
     mode = resolve_ingress(mode)
     if mode == "haproxy":
         os.environ.update(HAPROXY_ENV)
@@ -112,8 +118,6 @@ def stop_haproxy(port: int, only_orphans: bool = False) -> int:
 
 def port_holder(port: int, host: str = "127.0.0.1") -> str | None:
     """``name (pid N)`` of the process listening on ``port``, None when the port is free."""
-    import socket
-
     import psutil
 
     with socket.socket() as probe:

@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException, Request
 
-from models.ood import OodScorer
+from models.gradcam import gradcam
+from models.ood import OodScorer, with_embedding
 from models.package import PackageMetadata, load_model_dir, load_ood_scorer
 from serving.decode import ACCEPTED_TYPES, InvalidImage, decode_request, sniff_content_type
+from serving.overlay import overlay_png
 from serving.settings import ServeSettings
 
 Loader = Callable[[str], tuple[Any, PackageMetadata, OodScorer | None]]  # package -> (model, metadata, gate)
@@ -51,8 +53,6 @@ class LoadedPackage:
         self.classifier, self.metadata, self.scorer = loader(package)
         self.model = self.classifier  # what a batch goes through
         if self.scorer is not None:
-            from models.ood import with_embedding
-
             self.model = with_embedding(self.classifier)
         size = self.metadata.image_size
         self.predict([np.zeros((size, size, 1), np.float32)])  # warm up before taking traffic
@@ -92,9 +92,6 @@ class LoadedPackage:
 
     def explain(self, image: np.ndarray) -> str:
         """The Grad-CAM overlay of one preprocessed image, as base64 PNG."""
-        from models.gradcam import gradcam
-        from serving.overlay import overlay_png
-
         return base64.b64encode(overlay_png(image, gradcam(self.classifier, image))).decode()
 
 

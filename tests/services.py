@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serving.launch import free_port
+from serving.ingress import free_port
 
 BIN = Path(sys.executable).parent
 

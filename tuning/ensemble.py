@@ -5,25 +5,26 @@ picking the single best among them is close to a coin toss, while each one makes
 unlike the training ones. Averaging a few is the standard way to gain robustness without looking at test.
 Members are the best trials by validation AUC that share the best trial's input contract (size and
 intensity normalisation), so the one preprocessing function feeds them all; the result is an ordinary model
-directory that evaluation, export and serving take as they are.
+directory that evaluation, export and serving take as they are. :func:`resolve_experiment` is what a finished
+search hands on: its best trial's checkpoint, or this ensemble, with where it came from.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 
-from models.package import EnsembleMember
-from tuning.experiment import METRIC, MODE, SearchError, is_remote
+from models.package import METRIC, MODE, EnsembleMember, load_model_dir, read_metadata, save_model_dir
+from models.paths import default_cache_dir, display_path
+from tuning.experiment import SearchError, is_remote
 
 
 def top_members(experiment: str, size: int) -> list[EnsembleMember]:
     """The ``size`` best trials of ``experiment`` (local dir or storage URI) by their best validation AUC,
     each with its best checkpoint, among those taking the best trial's input (size and intensity normalisation)."""
     from ray.tune import ExperimentAnalysis
-
-    from models.download import default_cache_dir
-    from models.package import read_metadata
 
     analysis = ExperimentAnalysis(experiment, default_metric=METRIC, default_mode=MODE)
     ranked = []
@@ -50,8 +51,6 @@ def build_ensemble(members: list[EnsembleMember], directory: str | Path) -> Path
     member's (class names, input, config) plus the member list."""
     import keras
 
-    from models.package import load_model_dir, save_model_dir
-
     models, metadata = [], None
     for i, member in enumerate(members):
         model, member_metadata = load_model_dir(member.checkpoint)
@@ -76,3 +75,29 @@ def ensemble_from_experiment(experiment: str, best_json: Path, size: int,
     log(f"ensemble of {len(members)} trial(s) at {members[0].image_size} px: "
         + ", ".join(f"{m.trial_id} ({m.family}, val AUC {m.val_auc:.4f})" for m in members))
     return directory, members
+
+
+def resolve_experiment(experiment: str, ensemble: int = 1,
+                       log: Callable[[str], None] = print) -> tuple[Path, dict]:
+    """The model directory a finished search hands on to evaluation, and where it came from (``produced_by``
+    in the report and package): its best trial's checkpoint (``best.json``), or for ``ensemble`` > 1 the
+    ensemble of its best trials."""
+    if ensemble < 1:
+        raise SearchError(f"ensemble must be >= 1, got {ensemble}")
+    best_path = Path(experiment) / "best.json"
+    if not best_path.is_file():
+        raise SearchError(f"{best_path} not found: is {experiment} a finished tuning experiment?")
+    best = json.loads(best_path.read_text())
+    produced_by = {
+        "kind": "tuning experiment",
+        "experiment": display_path(experiment),
+        "trial_id": best.get("trial_id"),
+        "validation": best.get("metrics"),
+    }
+    if ensemble == 1:
+        return Path(best["checkpoint_path"]), produced_by
+    # A remote experiment's best.json sits in a local cache dir; its trials are read from storage.
+    source = best["experiment"] if is_remote(best.get("experiment", "")) else str(experiment)
+    directory, members = ensemble_from_experiment(source, best_path, ensemble, log)
+    shown = [{**dataclasses.asdict(m), "checkpoint": display_path(m.checkpoint)} for m in members]
+    return directory, {**produced_by, "ensemble": shown}

@@ -1,5 +1,5 @@
 """What a tuning experiment is called and where it lives: the metric it ranks by, its storage path and study,
-and its trials' results as written on disk. Shared by the search, evaluation, ensembles and benchmarks.
+and its trials' results as written on disk. Shared by the search, ensembles and benchmarks.
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.download import default_cache_dir
 from models.errors import PneumoniaError
+from models.package import METRIC
+from models.paths import default_cache_dir
 from tuning.config import TuneConfig
 
-METRIC, MODE = "val_auc", "max"  # what trials are ranked by: validation ROC AUC, higher is better
 BEST_SO_FAR = f"best_{METRIC}"  # a trial's best epoch so far: what Optuna learns from (it keeps the last report)
 
 

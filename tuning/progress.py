@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ray import tune
 
-from tuning.experiment import METRIC
+from models.package import METRIC
 
 
 def _clock(seconds: float) -> str:

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from models.config import load_config, to_dict
-from models.download import default_cache_dir
+from models.local_ray import run_command, start_ray
+from models.package import METRIC, MODE, read_metadata
+from models.paths import default_cache_dir
 from tuning.config import TuneConfig
 from tuning.experiment import (
     BEST_SO_FAR,
-    METRIC,
-    MODE,
     SearchError,
     check_storage,
     experiment_path,
@@ -36,13 +36,13 @@ from tuning.experiment import (
     study_name,
     study_storage_url,
 )
+from tuning.search_space import DefineByRun, random_space
+from tuning.trainable import train_trial, trial_dirname
 
 
 def make_search(config: TuneConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
-
-    from tuning.search_space import DefineByRun, random_space
 
     if config.scheduler == "asha":
         scheduler = ASHAScheduler(metric=METRIC, mode=MODE, time_attr="training_iteration", max_t=config.train.epochs,
@@ -73,8 +73,6 @@ def make_search(config: TuneConfig):
 def make_trainable(config: TuneConfig):
     from ray import tune
 
-    from tuning.trainable import train_trial
-
     trainable = tune.with_parameters(train_trial, base=to_dict(config.train), checkpoint_every=config.checkpoint_every)
     resources = {"cpu": config.cpus_per_trial}
     if config.gpus_per_trial:
@@ -85,7 +83,7 @@ def make_trainable(config: TuneConfig):
 def run_config(config: TuneConfig):
     from ray import tune
 
-    from tuning.progress import SearchProgress
+    from tuning.progress import SearchProgress  # Ray Tune at import: loaded only for a search
 
     return tune.RunConfig(
         name=config.name,
@@ -101,8 +99,6 @@ def run_config(config: TuneConfig):
 
 def write_best(results, config: TuneConfig, log: Callable[[str], None]) -> dict:
     """best.json: the trial with the highest validation AUC and its best checkpoint, downloaded if remote."""
-    from models.package import read_metadata
-
     if not any(METRIC in (result.metrics or {}) for result in results):
         first_error = next((str(e).strip().splitlines()[-1] for e in results.errors), "no error recorded")
         raise SearchError(f"no trial reported {METRIC}: {len(results.errors)} of {len(results)} trials failed "
@@ -154,9 +150,6 @@ def run_search(config: TuneConfig, address: str | None = None, resume: bool = Fa
     """Run (or resume) the search on the cluster at ``address`` or a local in-process Ray; returns best.json."""
     import ray
     from ray import tune
-
-    from serving.local_ray import start_ray
-    from tuning.trainable import trial_dirname
 
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C / SIGTERM stop at once (see models.runtime)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no boxes; tuning.progress reports
@@ -221,11 +214,15 @@ def load_tune_config(args: argparse.Namespace) -> TuneConfig:
     return load_config(TuneConfig, args.config, overrides)
 
 
+def tune_from_args(args: argparse.Namespace) -> int:
+    """``pneumonia tune`` and ``python -m tuning.search``: the search for the parsed arguments."""
+    run_search(load_tune_config(args), args.address, args.resume)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m tuning.search ...`` is ``pneumonia tune ...``: one parser, one way of reporting errors."""
-    from tuning.cli import main as cli_main
-
-    return cli_main(["tune", *(sys.argv[1:] if argv is None else argv)])
+    return run_command(tune_from_args, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from models.config import to_dict
+from models.config import TrainConfig, to_dict
 from models.dataset import DataSplits, load_splits
-from models.package import PackageMetadata
+from models.networks import build_model
+from models.package import METRIC, MODE, PackageMetadata, save_model_dir
+from models.pipeline import Augmentation, class_weights, make_dataset
 from models.preprocessing import InputContract
-from tuning.config import TrainConfig
-from tuning.experiment import METRIC, MODE
-from tuning.metrics import clinical_metrics
+from models.runtime import configure_tensorflow
 
 VAL_BATCH_SIZE = 64
 
@@ -36,6 +36,24 @@ def load_data(config: TrainConfig) -> DataSplits:
     d = config.data
     return load_splits(d.path, d.val_fraction, d.seed, d.max_train_images, d.max_val_images,
                        validation=d.validation)
+
+
+def clinical_metrics(labels, probabilities, threshold: float = 0.5) -> dict[str, float]:
+    """Loss, accuracy, ROC AUC, sensitivity and specificity at ``threshold``: the per-epoch validation set
+    (reported as ``val_<name>``; the search ranks by ``val_auc``)."""
+    from sklearn.metrics import accuracy_score, log_loss, recall_score, roc_auc_score
+
+    labels = np.asarray(labels).astype(int).reshape(-1)
+    probabilities = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    predictions = (probabilities >= threshold).astype(int)
+    both_classes = len(np.unique(labels)) == 2
+    return {
+        "loss": float(log_loss(labels, probabilities, labels=[0, 1])),
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "auc": float(roc_auc_score(labels, probabilities)) if both_classes else float("nan"),
+        "sensitivity": float(recall_score(labels, predictions, pos_label=1, zero_division=0)),
+        "specificity": float(recall_score(labels, predictions, pos_label=0, zero_division=0)),
+    }
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int):
@@ -123,10 +141,6 @@ def fit(
     weights of the epoch with the best validation AUC."""
     import keras
 
-    from models.networks import build_model
-    from models.pipeline import Augmentation, class_weights, make_dataset
-    from models.runtime import configure_tensorflow
-
     runtime = runtime or configure_tensorflow(config.threads, config.mixed_precision)
     keras.utils.set_random_seed(config.seed)
     splits = splits or load_data(config)
@@ -183,8 +197,6 @@ def model_metadata(config: TrainConfig, splits: DataSplits, result: FitResult) -
 
 def train(config: TrainConfig, output: str | Path | None = None, log: Callable[[str], None] = print) -> Path:
     """``pneumonia train``: fit one configuration and write its model directory."""
-    from models.package import save_model_dir
-
     splits = load_data(config)
     for path in splits.unreadable:
         log(f"skipped unreadable file: {path}")

@@ -14,7 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tuning.experiment import BEST_SO_FAR, METRIC
+from models.config import TrainConfig, apply_overrides, from_dict
+from models.package import METRIC, load_model_dir, save_model_dir
+from models.runtime import configure_tensorflow
+from tuning.experiment import BEST_SO_FAR
+from tuning.search_space import to_overrides
+from tuning.train import FitResult, fit, load_data, model_metadata
 
 STATE_FILE = "trainer_state.json"
 TRIAL_LOG = "trial.log"
@@ -24,10 +29,6 @@ REPORTED = ("loss", "accuracy", "val_loss", "val_accuracy", METRIC, "val_sensiti
 
 def trial_config(base: dict, params: dict[str, Any]):
     """The base TrainConfig with a trial's sampled parameters applied."""
-    from models.config import apply_overrides, from_dict
-    from tuning.config import TrainConfig
-    from tuning.search_space import to_overrides
-
     return from_dict(TrainConfig, apply_overrides(base, to_overrides(params)))
 
 
@@ -50,8 +51,6 @@ class TrialState:
 
 def restore_checkpoint(checkpoint):
     """(model with its optimizer state, TrialState) from a checkpoint this trainable reported."""
-    from models.package import load_model_dir
-
     with checkpoint.as_directory() as directory:
         state = TrialState(**json.loads((Path(directory) / STATE_FILE).read_text()))
         model, _ = load_model_dir(directory, compile=True)
@@ -64,9 +63,6 @@ def report_to_tune(config, splits, runtime: dict, state: TrialState, placement: 
     ``checkpoint_every`` epochs and at the last epoch."""
     import keras
     from ray import tune
-
-    from models.package import save_model_dir
-    from tuning.train import FitResult, model_metadata
 
     class ReportToTune(keras.callbacks.Callback):
         def on_train_begin(self, logs=None):
@@ -105,9 +101,6 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
     """Tune entry point: ``tune.with_parameters(train_trial, base=..., checkpoint_every=...)``."""
     import ray
     from ray import tune
-
-    from models.runtime import configure_tensorflow
-    from tuning.train import fit, load_data
 
     entered = time.perf_counter()
     config = trial_config(base, params)

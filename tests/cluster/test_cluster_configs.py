@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from models.config import load_config
-from serving.launch import free_port
-from tests.services import BIN, group_alive
+from serving.ingress import free_port
 from serving.settings import ServeSettings, ServeSettingsError
+from tests.services import BIN, group_alive
 from tuning.config import TuneConfig
 
 REPO = Path(__file__).resolve().parents[2]

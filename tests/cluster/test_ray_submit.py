@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serving.ingress import free_port
 from tests.conftest import REAL_DATA, write_split
-from serving.launch import free_port
 from tests.services import BIN, group_alive, stop_group
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
+from cli.main import main
 from models.dataset import DataLayoutError, Split, block_split, load_splits, patient_id, series_number, subgroup
 from tests.conftest import write_split
-from tuning.cli import main
 
 
 def test_patient_ids_follow_kermany_file_names():

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from cli.main import main
 from models.dataset import load_splits
 from models.download import DownloadError, download_medmnist, fetch, unpack_zip
 from tests.conftest import write_split
-from tuning.cli import main
 
 
 @pytest.fixture

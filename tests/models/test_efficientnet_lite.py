@@ -30,8 +30,8 @@ from models.efficientnet_lite import (
     imagenet_weights,
 )
 from models.gradcam import gradcam
+from models.head import WeightsUnavailableError
 from models.package import file_sha256
-from models.networks import WeightsUnavailableError
 from models.torch_checkpoint import MAGIC_NUMBER, PROTOCOL_VERSION, CheckpointError, load_state_dict
 
 ESPRESSO = 967

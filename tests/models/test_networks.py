@@ -8,11 +8,11 @@ import keras
 import numpy as np
 import pytest
 
-from models.config import ConfigError, ModelConfig, load_config
-from models.networks import WeightsUnavailableError, build_model
+from models.config import ConfigError, ModelConfig, TrainConfig, load_config
+from models.head import WeightsUnavailableError
+from models.networks import build_model
 from models.package import PackageError, PackageMetadata, load_model_dir, save_model_dir
 from tuning.train import compile_model
-from tuning.config import TrainConfig
 
 
 def _batch(size: int, n: int = 4):

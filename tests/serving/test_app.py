@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.launch import free_port
-from tuning.cli import main
+from cli.main import main
+from serving.ingress import free_port
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-0123"
@@ -434,9 +434,9 @@ def test_the_gate_refuses_what_the_evaluation_refused_with_the_same_score_and_st
     and the replica answers after each refusal."""
     from ray import serve
 
+    from evaluation.ood_set import ood_images, read_gray
+    from evaluation.report import OOD_CHEST_FILMS
     from serving.app import build_app
-    from tuning.ood_set import ood_images, read_gray
-    from tuning.report import OOD_CHEST_FILMS
 
     package, report = gated
     serve.run(build_app({"package": str(package), "auth_token": TOKEN}), name="gated", route_prefix="/gated")

@@ -5,9 +5,9 @@ import os
 import pytest
 
 import serving.ingress
+from cli.main import main
 from models.config import ConfigError
 from serving.ingress import HAPROXY_ENV, HAPROXY_PATHS, HAPROXY_PORTS, set_ingress_environment
-from tuning.cli import main
 
 
 @pytest.fixture

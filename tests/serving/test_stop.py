@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.ingress import our_haproxy
-from serving.launch import free_port
+from cli.main import main
+from serving.ingress import free_port, our_haproxy
 from tests.services import BIN, group_alive, stop_group
-from tuning.cli import main
 
 pytestmark = pytest.mark.slow
 TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8", "batch_size=8",

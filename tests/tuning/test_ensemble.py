@@ -5,11 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from models.config import ModelConfig
+from models.config import ModelConfig, TrainConfig, to_dict
 from models.networks import build_model
-from models.config import to_dict
 from models.package import EnsembleMember, PackageMetadata, load_model_dir, save_model_dir
-from tuning.config import TrainConfig, TuneConfig
+from tuning.config import TuneConfig
 from tuning.ensemble import build_ensemble
 
 SIZE = 32
@@ -59,7 +58,7 @@ def test_ensemble_size_is_validated():
 
 
 def test_evaluate_refuses_an_ensemble_of_zero_or_of_one_model_dir(tmp_path, capsys):
-    from tuning.cli import main
+    from cli.main import main
 
     (tmp_path / "best.json").write_text(json.dumps({"checkpoint_path": str(tmp_path)}))
     assert main(["evaluate", "--experiment", str(tmp_path), "--ensemble", "0"]) == 2

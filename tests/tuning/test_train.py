@@ -5,11 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from models.config import load_config
+from cli.main import main
+from models.config import TrainConfig, load_config
 from models.package import load_model_dir
 from models.pipeline import make_dataset
-from tuning.cli import main
-from tuning.config import TrainConfig
 
 TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8",
         "batch_size=8", "mixed_precision=float32"]

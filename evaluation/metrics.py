@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 CI_METRICS = ("accuracy", "auc", "sensitivity", "specificity")
+PLATEAU_TOLERANCE = 0.01  # the plateau threshold rule: Youden's J within this of its best
 
 
 def _as_arrays(labels, probabilities) -> tuple[np.ndarray, np.ndarray]:
@@ -16,22 +17,6 @@ def _as_arrays(labels, probabilities) -> tuple[np.ndarray, np.ndarray]:
     if labels.shape != probabilities.shape:
         raise ValueError(f"{labels.size} labels but {probabilities.size} probabilities")
     return labels, probabilities
-
-
-def clinical_metrics(labels, probabilities, threshold: float = 0.5) -> dict[str, float]:
-    """Loss, accuracy, ROC AUC, sensitivity and specificity at ``threshold`` (the per-epoch set)."""
-    from sklearn.metrics import accuracy_score, log_loss, recall_score, roc_auc_score
-
-    labels, probabilities = _as_arrays(labels, probabilities)
-    predictions = (probabilities >= threshold).astype(int)
-    both_classes = len(np.unique(labels)) == 2
-    return {
-        "loss": float(log_loss(labels, probabilities, labels=[0, 1])),
-        "accuracy": float(accuracy_score(labels, predictions)),
-        "auc": float(roc_auc_score(labels, probabilities)) if both_classes else float("nan"),
-        "sensitivity": float(recall_score(labels, predictions, pos_label=1, zero_division=0)),
-        "specificity": float(recall_score(labels, predictions, pos_label=0, zero_division=0)),
-    }
 
 
 def youden_threshold(labels, probabilities) -> float:
@@ -44,7 +29,7 @@ def youden_threshold(labels, probabilities) -> float:
     return float(thresholds[best])
 
 
-def youden_plateau(labels, probabilities, tolerance: float = 0.01) -> tuple[float, float, float]:
+def youden_plateau(labels, probabilities, tolerance: float = PLATEAU_TOLERANCE) -> tuple[float, float, float]:
     """(threshold, low, high): the centre of the thresholds whose Youden's J lies within ``tolerance`` of the
     best, contiguous with the best. When J is flat over a wide range, as on a validation split the model
     separates well, the single best point is close to arbitrary; the centre of the plateau is not."""

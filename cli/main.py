@@ -1,19 +1,32 @@
-"""The ``pneumonia`` command: a thin dispatcher; each subcommand calls one function of one room.
+"""The ``pneumonia`` command: a thin dispatcher; each subcommand calls one function of one room (``models``,
+``tuning``, ``evaluation``, ``serving``), and ``pneumonia run`` chains them (``cli.run``). Nothing imports it.
 
-Heavy imports (TensorFlow, Ray) happen inside the handlers, so ``pneumonia --help`` is instant.
+Heavy imports (TensorFlow, Ray, scikit-learn) happen inside the rooms' functions that need them, never at import,
+so ``pneumonia --help`` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from cli.run import run_end_to_end
+from evaluation.evaluate import EvaluationOptions, evaluate
+from models.config import ConfigError, DataConfig, TrainConfig, load_config
+from models.dataset import VALIDATION_SCHEMES, load_splits, summarize
+from models.download import download_medmnist, unpack_zip
+from models.local_ray import run_command
+from serving.client import predict_files
+from serving.ingress import INGRESS_MODES
+from serving.launch import serve_model
+from tuning.ensemble import resolve_experiment
+from tuning.search import build_parser as add_tune_arguments
+from tuning.search import tune_from_args
+from tuning.train import train
 
 
 def _data_check(args: argparse.Namespace) -> int:
-    from models.dataset import load_splits, summarize
-
     summary = summarize(load_splits(args.data, args.val_fraction, args.seed, validation=args.validation))
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -36,9 +49,6 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _data_download(args: argparse.Namespace) -> int:
-    from models.config import ConfigError
-    from models.download import download_medmnist, unpack_zip
-
     if args.zip:
         if not args.dest:
             raise ConfigError("--zip needs --dest DIR (where the train/ and test/ folders go)")
@@ -48,10 +58,7 @@ def _data_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_train_config(args: argparse.Namespace):
-    from models.config import load_config
-    from tuning.config import TrainConfig
-
+def _load_train_config(args: argparse.Namespace) -> TrainConfig:
     overrides = list(args.set or [])
     if getattr(args, "data", None):
         overrides.append(f"data.path={args.data}")
@@ -59,61 +66,45 @@ def _load_train_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from tuning.train import train
-
     train(_load_train_config(args), args.output)
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from tuning.evaluate import EvaluationOptions, evaluate
-
+    """An experiment is first turned into its model directory by tuning (its best trial, or an ensemble)."""
+    if args.experiment:
+        model_dir, produced_by = resolve_experiment(args.experiment, args.ensemble)
+    elif args.ensemble != 1:
+        raise ConfigError("an ensemble is built from a search's trials: use --experiment DIR with --ensemble")
+    else:
+        model_dir, produced_by = args.model, None
     options = EvaluationOptions(args.target_sensitivity, args.threshold_rule, not args.no_calibration, args.ood_method,
                                 args.ood_quantile)
-    evaluate(args.model, args.experiment, args.data, args.reports, args.artifacts, args.name, ensemble=args.ensemble,
-             options=options)
-    return 0
-
-
-def _tune(args: argparse.Namespace) -> int:
-    from tuning.search import load_tune_config, run_search
-
-    run_search(load_tune_config(args), args.address, args.resume)
+    evaluate(model_dir, args.data, args.reports, args.artifacts, args.name, options=options, produced_by=produced_by)
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from serving.launch import serve_model
-
     serve_model(args.model, args.replicas, args.address, args.host, args.port, ingress=args.ingress)
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from serving.client import predict_files
-
     return predict_files(args.images, args.url, args.token or "", args.explain, args.force)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tuning.end_to_end import run_end_to_end
-
     run_end_to_end(args.config, args.address, args.data, args.set, args.port, ingress=args.ingress)
     return 0
 
 
 def _add_ingress_option(parser: argparse.ArgumentParser) -> None:
-    from serving.ingress import INGRESS_MODES
-
     parser.add_argument("--ingress", choices=INGRESS_MODES, default="auto",
                         help="HTTP ingress of a local Ray: haproxy (Serve's high-throughput mode), python (Serve's "
                              "proxy), or auto: haproxy when Ray has its binary, as ray[serve] bundles one (default)")
 
 
 def _add_data_commands(commands) -> None:
-    from models.config import DataConfig
-    from models.dataset import VALIDATION_SCHEMES
-
     data = commands.add_parser("data", help="check or download the chest X-ray data")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     check = data_commands.add_parser("check", help="counts per split and class, patients, overlap, unreadable files")
@@ -143,10 +134,8 @@ def _add_model_commands(commands) -> None:
     train.add_argument("--output", help="model directory (default: output_dir/name)")
     train.set_defaults(handler=_train)
 
-    from tuning.search import build_parser as add_tune_arguments
-
     tune = commands.add_parser("tune", help="Ray Tune + Optuna search over the model families (python -m tuning.search)")
-    add_tune_arguments(tune).set_defaults(handler=_tune)
+    add_tune_arguments(tune).set_defaults(handler=tune_from_args)
 
     evaluate = commands.add_parser(
         "evaluate", help="choose the threshold on validation, score the test split once, write report and package")
@@ -216,29 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. A :class:`PneumoniaError` (a user mistake: data, config, package, search) is one
-    line on stderr and exit code 2; anything else is a bug and keeps its traceback."""
-    from models.errors import PneumoniaError
-    from models.runtime import install_stop_handlers, quiet_tensorflow
-
+    line on stderr and exit code 2; anything else is a bug and keeps its traceback (see
+    ``models.local_ray.run_command``)."""
     args = build_parser().parse_args(argv)
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)  # progress reaches logs and `ray job logs` as it happens
-    quiet_tensorflow()
-    install_stop_handlers()
-    try:
-        return args.handler(args)
-    except PneumoniaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # the first Ctrl-C or SIGTERM (models.runtime.install_stop_handlers)
-        from serving.local_ray import stop_ray
-
-        stop_ray()
-        print("stopped", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # everything of ours is stopped; TensorFlow's and Ray's interpreter teardown would add about 3 s
-        os._exit(130)
+    return run_command(args.handler, args)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,8 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from models.package import PackageError, load_model_dir
-from tuning.cli import main
-from tuning.metrics import (
+from cli.main import main
+from evaluation.metrics import (
     binary_report,
     bootstrap_intervals,
     sensitivity_threshold,
@@ -21,6 +20,7 @@ from tuning.metrics import (
     youden_plateau,
     youden_threshold,
 )
+from models.package import PackageError, load_model_dir
 
 TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8",
         "batch_size=8", "mixed_precision=float32", "epochs=2"]
@@ -191,8 +191,8 @@ def test_package_reloads_in_a_fresh_process_and_reproduces_predictions(trained, 
         "import sys, csv\n"
         "from models.dataset import load_splits\n"
         "from models.package import load_model_dir\n"
-        "from tuning.evaluate import predict_split\n"
-        "from tuning.report import display_path\n"
+        "from evaluation.evaluate import predict_split\n"
+        "from models.paths import display_path\n"
         "model, meta = load_model_dir(sys.argv[1])\n"
         "test = load_splits(sys.argv[2]).test\n"
         "for path, p in zip(test.paths, meta.probabilities(predict_split(model, test, meta.input))):\n"

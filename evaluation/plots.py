@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.metrics import youden_curve
 from models.dataset import CLASS_NAMES
 
 
@@ -76,8 +77,6 @@ def write_validation_plots(labels: np.ndarray, uncalibrated: np.ndarray, calibra
     """validation_j.png (Youden's J against the threshold, the plateau and the chosen threshold marked) and
     reliability.png (validation reliability before and after calibration): how the operating point was chosen."""
     from sklearn.calibration import CalibrationDisplay
-
-    from tuning.metrics import youden_curve
 
     paths = []
     plt, fig, ax = _figure()

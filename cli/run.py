@@ -15,22 +15,29 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tuning.report import display_path
+from evaluation.evaluate import evaluate
+from models.config import load_config
+from models.dataset import detect_layout, resolve_data_path
+from models.download import DownloadError, download_medmnist
+from models.paths import default_cache_dir, display_path
+from serving.client import classify
+from serving.ingress import claim_port, set_ingress_environment
+from serving.launch import serve_forever, serve_model
+from tuning.config import CONFIG_DIR, TuneConfig
+from tuning.ensemble import resolve_experiment
+from tuning.experiment import is_remote
+from tuning.search import run_search
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "quick.yaml"
+DEFAULT_CONFIG = CONFIG_DIR / "quick.yaml"
 
 
 def resolve_data(data: str | None, log: Callable[[str], None]) -> str:
     """--data, else $PNEUMONIA_DATA, else MedMNIST's npz in the cache (downloaded once); its layout is checked
     here, before any Ray work starts, so a wrong path fails in a second with what was expected."""
     if data or os.environ.get("PNEUMONIA_DATA"):
-        from models.dataset import detect_layout, resolve_data_path
-
         path = resolve_data_path(data).resolve()
         detect_layout(path)
         return str(path)
-    from models.download import DownloadError, default_cache_dir, download_medmnist
-
     log(f"no --data and no PNEUMONIA_DATA: using MedMNIST's pneumoniamnist_224.npz in {default_cache_dir()}")
     try:
         return str(download_medmnist())
@@ -54,7 +61,7 @@ def summary_lines(best: dict, report: dict, report_dir: Path, package_dir: Path,
     members = report["model"]["produced_by"].get("ensemble") or []
     chosen = (f"the mean of {len(members)} trials: " + ", ".join(f"{m['trial_id']} ({m['family']})" for m in members)
               if len(members) > 1 else f"trial {best['trial_id']} ({best['family']})")
-    from tuning.progress import describe
+    from tuning.progress import describe  # Ray Tune at import: loaded only once a search has run
 
     params = describe(best["params"])
     gate = report.get("ood")
@@ -85,15 +92,6 @@ def run_end_to_end(config_path: str | None = None, address: str | None = None, d
                    overrides: list[str] | None = None, port: int = 8000, block: bool = True,
                    log: Callable[[str], None] = print, ingress: str = "auto") -> dict:
     """Search, evaluate once on test, export, serve, query once; blocks serving unless on a cluster."""
-    from models.config import load_config
-    from serving.client import classify
-    from serving.ingress import claim_port, set_ingress_environment
-    from serving.launch import serve_forever, serve_model
-    from tuning.config import TuneConfig
-    from tuning.evaluate import evaluate
-    from tuning.experiment import is_remote
-    from tuning.search import run_search
-
     started = time.time()
     address = address or os.environ.get("RAY_ADDRESS") or None  # inside `ray job submit`: that cluster
     data_path = resolve_data(data, log)
@@ -103,9 +101,9 @@ def run_end_to_end(config_path: str | None = None, address: str | None = None, d
     config = load_config(TuneConfig, config_path or DEFAULT_CONFIG, [*(overrides or []), f"train.data.path={data_path}"])
     best = run_search(config, address, log=log)
     experiment = Path(best["checkpoint_path"]).parent if is_remote(config.storage_path) else Path(best["experiment"])
-    result = evaluate(experiment=str(experiment), data=data_path,
-                      reports_dir=Path("reports"), artifacts_dir=Path("artifacts"), log=log,
-                      ensemble=config.ensemble)
+    model_dir, produced_by = resolve_experiment(str(experiment), config.ensemble, log)
+    result = evaluate(model_dir, data=data_path, reports_dir=Path("reports"), artifacts_dir=Path("artifacts"), log=log,
+                      produced_by=produced_by)
     url = serve_model(str(result.package_dir), address=address, port=port, block=False, log=log)
     with open(result.report_dir / "predictions.csv", newline="") as f:
         sample = next(csv.DictReader(f))["path"]

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from tuning import cli
+import cli.main
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("entry", [["-m", "tuning.search"], ["-m", "tuning.cli", "tune"]])
+@pytest.mark.parametrize("entry", [["-m", "tuning.search"], ["-m", "cli.main", "tune"]])
 def test_a_mistake_is_one_line_and_exit_code_2(entry, tmp_path):
     for args, named in ((["--config", str(tmp_path / "missing.yaml")], "config file not found"),
                         (["--set", "num_sample=3"], "unknown key num_sample"),
@@ -24,11 +24,9 @@ def test_a_mistake_is_one_line_and_exit_code_2(entry, tmp_path):
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
-    import models.dataset
-
     def broken(*args, **kwargs):
         raise KeyError("a bug, not a user mistake")
 
-    monkeypatch.setattr(models.dataset, "load_splits", broken)
+    monkeypatch.setattr(cli.main, "load_splits", broken)
     with pytest.raises(KeyError, match="a bug"):
-        cli.main(["data", "check", "--data", "anywhere"])
+        cli.main.main(["data", "check", "--data", "anywhere"])

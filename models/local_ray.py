@@ -1,7 +1,8 @@
-"""The Ray this process starts or joins, and a clean stop of what it started.
+"""The Ray this process starts or joins, and a clean stop of what it started; shared by the search and serving.
 
-A local Ray started here (no address) belongs to this process: a stop shuts it down, with the HAProxy this
-project started for its ports. A joined cluster is left running: its Serve applications outlive the job.
+A local Ray started here (no address) belongs to this process: a stop shuts it down, then runs what was
+registered with :func:`on_stop` (serving stops the HAProxy it started for its ports). A joined cluster is left
+running: its Serve applications outlive the job. Ray itself is imported only inside these functions.
 """
 
 from __future__ import annotations
@@ -9,15 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
+from collections.abc import Callable
 
-_state = {"owned": False, "ports": set()}
+from models.errors import PneumoniaError
+from models.runtime import install_stop_handlers, quiet_tensorflow
+
+_state = {"owned": False, "on_stop": []}
 
 
 def start_ray(address: str | None = None) -> bool:
     """Join ``address`` / ``$RAY_ADDRESS``, else start a local Ray; returns whether this process owns it."""
     import ray
-
-    from models.runtime import install_stop_handlers
 
     address = address or os.environ.get("RAY_ADDRESS") or None
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no "Started Serve in namespace" INFO lines
@@ -39,17 +43,15 @@ def start_ray(address: str | None = None) -> bool:
     return _state["owned"]
 
 
-def serving_port(port: int) -> None:
-    """Record a port this process serves on: its HAProxy is stopped with the run."""
-    _state["ports"].add(port)
+def on_stop(cleanup: Callable[[], object]) -> None:
+    """Run ``cleanup`` once, when :func:`stop_ray` stops the local Ray this process owns, after Ray is down."""
+    _state["on_stop"].append(cleanup)
 
 
 def stop_ray() -> None:
-    """Stop what this process started: the HAProxy of its ports, then its local Ray (a joined cluster is
-    only disconnected from)."""
+    """Stop what this process started: its local Ray, then what was registered with :func:`on_stop` (a
+    joined cluster is only disconnected from)."""
     import ray
-
-    from serving.ingress import stop_haproxy
 
     owned = _state["owned"]
     if ray.is_initialized():
@@ -57,9 +59,32 @@ def stop_ray() -> None:
             _kill_at_once(ray._private.worker._global_node)
         ray.shutdown()  # first: a live Serve actor would start a new HAProxy for the one stopped
     if owned:
-        for port in sorted(_state["ports"]):
-            stop_haproxy(port)
+        cleanups, _state["on_stop"] = _state["on_stop"], []
+        for cleanup in cleanups:
+            cleanup()
     _state["owned"] = False
+
+
+def run_command(command: Callable[..., int], *args) -> int:
+    """The body of an entry point (``pneumonia``, ``python -m tuning.search``): quiet TensorFlow, line-buffered
+    output, Ctrl-C and SIGTERM as a clean stop. A :class:`PneumoniaError` (a user mistake: data, config,
+    package, search) is one line on stderr and exit code 2; anything else is a bug and keeps its traceback."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress reaches logs and `ray job logs` as it happens
+    quiet_tensorflow()
+    install_stop_handlers()
+    try:
+        return command(*args)
+    except PneumoniaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the first Ctrl-C or SIGTERM (models.runtime.install_stop_handlers)
+        stop_ray()
+        print("stopped", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # everything of ours is stopped; TensorFlow's and Ray's interpreter teardown would add about 3 s
+        os._exit(130)
 
 
 def _kill_at_once(node) -> None:

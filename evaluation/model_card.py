@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tuning.evaluate import PLATEAU_TOLERANCE
-from tuning.experiment import METRIC
+from evaluation.metrics import PLATEAU_TOLERANCE
+from models.package import METRIC
 
 REFERENCES = [
     # name, accuracy, sensitivity, specificity, AUC (None = not reported)

@@ -1,7 +1,7 @@
 """The evaluation report: ``report.json``, ``predictions.csv``, the plots and the model card of one evaluation.
 
 Paths in a report are written relative to the working directory, or under ``~``, so a committed report does
-not show the machine it was made on.
+not show the machine it was made on (``models.paths.display_path``).
 """
 
 from __future__ import annotations
@@ -9,30 +9,20 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from evaluation.metrics import binary_report, bootstrap_intervals, subgroup_rates
+from evaluation.model_card import render
+from evaluation.ood_set import ood_images, read_gray
+from evaluation.plots import write_plots, write_validation_plots
 from models.dataset import CLASS_NAMES, DataSplits, Split
 from models.package import utc_now
-from tuning.metrics import binary_report, bootstrap_intervals, subgroup_rates
+from models.paths import display_path
+from models.preprocessing import decode_image, preprocess
 
 BOOTSTRAP_RESAMPLES = 1000
-
-
-def display_path(path: str | os.PathLike) -> str:
-    """``path`` relative to the working directory when it lies below or beside it, else with ``~`` for the
-    home directory; URIs (s3://...) unchanged."""
-    text = str(path)
-    if "://" in text:
-        return text
-    absolute = os.path.abspath(text)
-    relative = os.path.relpath(absolute)
-    if not relative.startswith(os.path.join(os.pardir, os.pardir)):
-        return relative
-    home = os.path.expanduser("~")
-    return "~" + absolute[len(home):] if absolute.startswith(home + os.sep) else absolute
 
 
 def subgroup_report(splits: DataSplits, probabilities: dict[str, np.ndarray], threshold: float) -> dict:
@@ -46,7 +36,7 @@ def subgroup_report(splits: DataSplits, probabilities: dict[str, np.ndarray], th
 
 
 def build_report(name: str, splits: DataSplits, scores, model: dict) -> dict:
-    """Every figure of one evaluation from its ``tuning.evaluate.Scores``; ``model`` says what was evaluated
+    """Every figure of one evaluation from its ``evaluation.evaluate.Scores``; ``model`` says what was evaluated
     (source, sha256, produced_by, config, best epoch, validation metrics)."""
     from sklearn.metrics import brier_score_loss
 
@@ -90,9 +80,6 @@ def write_predictions(path: Path, split: Split, probabilities: np.ndarray, thres
 def write_report(report: dict, splits: DataSplits, scores, out: Path) -> Path:
     """``report.json``, ``predictions.csv``, the test plots, the validation plots (J curve, reliability before
     and after calibration) and ``report.md`` into ``out``."""
-    from tuning.model_card import render
-    from tuning.plots import write_plots, write_validation_plots
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     write_predictions(out / "predictions.csv", splits.test, scores.test, report["threshold"])
@@ -107,8 +94,6 @@ OOD_CHEST_FILMS = 25  # validation films transformed four ways into invalid inpu
 
 
 def films_to_transform(split: Split) -> list[np.ndarray]:
-    from tuning.ood_set import read_gray
-
     if split.paths is not None:
         return read_gray(split.paths[:OOD_CHEST_FILMS])
     images = split.images[:OOD_CHEST_FILMS]
@@ -117,8 +102,6 @@ def films_to_transform(split: Split) -> list[np.ndarray]:
 
 def score_images(model, scorer, pngs: list[bytes], contract) -> np.ndarray:
     """OOD scores of encoded images, decoded and preprocessed as the endpoint does, in batches."""
-    from models.preprocessing import decode_image, preprocess
-
     scores = []
     for start in range(0, len(pngs), 32):
         batch = np.stack([preprocess(decode_image(png), contract.image_size, contract.intensity).numpy()
@@ -130,11 +113,9 @@ def score_images(model, scorer, pngs: list[bytes], contract) -> np.ndarray:
 
 def ood_report(model, splits: DataSplits, contract, scores, scorer, gate) -> dict:
     """The gate on in-distribution films (validation, test: refusing many of them is a failure) and on the
-    check set (``tuning.ood_set``): per kind, how many are refused at the threshold, and the AUROC of OOD
+    check set (``evaluation.ood_set``): per kind, how many are refused at the threshold, and the AUROC of OOD
     images against the test films."""
     from sklearn.metrics import roc_auc_score
-
-    from tuning.ood_set import ood_images
 
     val = scorer.score(scores.val_embeddings, scores.val_uncalibrated)
     test = scorer.score(scores.test_embeddings, scores.test_uncalibrated)

@@ -1,29 +1,30 @@
 """Test-split evaluation of one chosen model: threshold on validation, test scored once, report, package.
 
 Usage: ``pneumonia evaluate --model runs/cnn-128`` or ``pneumonia evaluate --experiment ~/ray_results/NAME``
+(the command line has ``tuning.ensemble.resolve_experiment`` turn an experiment into the model directory).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from models.config import from_dict
-from models.dataset import DataSplits, Split, load_splits
-from models.errors import PneumoniaError
+from evaluation.metrics import PLATEAU_TOLERANCE, sensitivity_threshold, youden_plateau, youden_threshold
+from evaluation.report import build_report, ood_report, write_report
 from models.calibration import Calibration, fit_platt
-from models.package import PackageMetadata, package_versions
-from models.ood import OodGate, OodScorer, fit_gate
+from models.config import TrainConfig, from_dict
+from models.dataset import DataSplits, Split, load_splits, stratified_subset
+from models.errors import PneumoniaError
+from models.ood import OodGate, OodScorer, fit_gate, with_embedding
+from models.package import PackageMetadata, file_sha256, load_model_dir, package_versions, write_package
+from models.paths import display_path
+from models.pipeline import make_dataset
 from models.preprocessing import InputContract
-from tuning.config import TrainConfig
-from tuning.experiment import is_remote
-from tuning.metrics import sensitivity_threshold, youden_plateau, youden_threshold
-from tuning.report import build_report, display_path, ood_report, write_report
+from models.runtime import configure_tensorflow
 
 PREDICT_BATCH_SIZE = 64
 
@@ -40,7 +41,6 @@ class Evaluation:
 
 
 THRESHOLD_RULES = ("plateau", "youden")
-PLATEAU_TOLERANCE = 0.01
 OOD_TRAIN_IMAGES = 2000  # training films the OOD gate is fitted on (a stratified subset: their embeddings cost)
 
 
@@ -75,8 +75,6 @@ class Scores:
 def predict_with_embedding(model, split: Split, contract: InputContract) -> tuple[np.ndarray, np.ndarray]:
     """The model's P(PNEUMONIA) and embedding (``models.ood.with_embedding``) for every image of ``split``, in
     order, through the shared preprocessing."""
-    from models.pipeline import make_dataset
-
     dataset = make_dataset(split, contract.image_size, PREDICT_BATCH_SIZE, intensity=contract.intensity)
     outputs = [model.predict_on_batch(x) for x, _ in dataset]
     return (np.concatenate([np.asarray(p).reshape(-1) for p, _ in outputs]),
@@ -85,42 +83,7 @@ def predict_with_embedding(model, split: Split, contract: InputContract) -> tupl
 
 def predict_split(model, split: Split, contract: InputContract) -> np.ndarray:
     """The model's P(PNEUMONIA) for every image of ``split``, in order, through the shared preprocessing."""
-    from models.ood import with_embedding
-
     return predict_with_embedding(with_embedding(model), split, contract)[0]
-
-
-def resolve_source(model_dir: str | None, experiment: str | None, ensemble: int = 1,
-                   log: Callable[[str], None] = print) -> tuple[Path, dict]:
-    """The model directory to evaluate and a description of where it came from; for an experiment with
-    ``ensemble`` > 1, the ensemble of its best trials (see ``tuning.ensemble``)."""
-    if bool(model_dir) == bool(experiment):
-        raise EvaluationError("give exactly one of --model DIR or --experiment DIR")
-    if ensemble < 1:
-        raise EvaluationError(f"ensemble must be >= 1, got {ensemble}")
-    if model_dir:
-        if ensemble > 1:
-            raise EvaluationError("an ensemble is built from a search's trials: use --experiment DIR with --ensemble")
-        return Path(model_dir), {"kind": "model directory", "path": display_path(model_dir)}
-    best_path = Path(experiment) / "best.json"
-    if not best_path.is_file():
-        raise EvaluationError(f"{best_path} not found: is {experiment} a finished tuning experiment?")
-    best = json.loads(best_path.read_text())
-    produced_by = {
-        "kind": "tuning experiment",
-        "experiment": display_path(experiment),
-        "trial_id": best.get("trial_id"),
-        "validation": best.get("metrics"),
-    }
-    if ensemble == 1:
-        return Path(best["checkpoint_path"]), produced_by
-    from tuning.ensemble import ensemble_from_experiment
-
-    # A remote experiment's best.json sits in a local cache dir; its trials are read from storage.
-    source = best["experiment"] if is_remote(best.get("experiment", "")) else str(experiment)
-    directory, members = ensemble_from_experiment(source, best_path, ensemble, log)
-    shown = [{**dataclasses.asdict(m), "checkpoint": display_path(m.checkpoint)} for m in members]
-    return directory, {**produced_by, "ensemble": shown}
 
 
 def default_name(config: TrainConfig, produced_by: dict) -> str:
@@ -191,8 +154,6 @@ def fit_ood_gate(model, splits: DataSplits, contract: InputContract, scores: Sco
     ``ood_quantile`` of the validation films' scores."""
     if options.ood_method == "none":
         return None
-    from models.dataset import stratified_subset
-
     train = stratified_subset(splits.train, OOD_TRAIN_IMAGES, seed=0)
     probabilities, embeddings = predict_with_embedding(model, train, contract)
     fitted_on = f"training split ({len(train)} of {len(splits.train)} films)"
@@ -207,8 +168,6 @@ def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, ar
                    calibration: Calibration | None, ood: tuple[OodScorer, OodGate] | None) -> Path:
     """``artifacts/VERSION``: the evaluated model byte for byte, with the threshold, calibration, OOD gate
     and test metrics."""
-    from models.package import write_package
-
     created = datetime.now(timezone.utc)
     version = f"{report['name']}-{created:%Y%m%d%H%M%S}"
     test = report["test"]
@@ -232,24 +191,21 @@ def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, ar
 
 
 def evaluate(
-    model_dir: str | None = None,
-    experiment: str | None = None,
+    model_dir: str | Path,
     data: str | None = None,
     reports_dir: str | Path = "reports",
     artifacts_dir: str | Path = "artifacts",
     name: str | None = None,
     log: Callable[[str], None] = print,
-    ensemble: int = 1,
     options: EvaluationOptions = EvaluationOptions(),
+    produced_by: dict | None = None,
 ) -> Evaluation:
     """``pneumonia evaluate``: score, fit the OOD gate, report, export; the test split is read once, by
-    :func:`score`."""
-    from models.ood import with_embedding
-    from models.package import file_sha256, load_model_dir
-    from models.runtime import configure_tensorflow
-
+    :func:`score`. ``produced_by`` says where the model came from (a search's trial or ensemble, see
+    ``tuning.ensemble.resolve_experiment``); default: the model directory itself."""
     configure_tensorflow(0, "float32")
-    source_dir, produced_by = resolve_source(model_dir, experiment, ensemble, log)
+    source_dir = Path(model_dir)
+    produced_by = produced_by or {"kind": "model directory", "path": display_path(model_dir)}
     model, metadata = load_model_dir(source_dir)
     served = with_embedding(model)  # what the endpoint calls: probability and embedding in one pass
     config = from_dict(TrainConfig, metadata.config)

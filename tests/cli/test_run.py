@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.launch import free_port
+from serving.ingress import free_port
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -19,7 +19,7 @@ SCRIPT = """
 import json, sys
 import ray
 from ray import serve
-from tuning.end_to_end import run_end_to_end
+from cli.run import run_end_to_end
 data, storage, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 overrides = ["num_samples=2", "max_concurrent=2", "train.epochs=1", "grace_period=1", "space.families=[cnn]",
              "space.cnn_image_sizes=[32]", "space.cnn_depth=[2,2]", "space.cnn_base_filters=[4]",
@@ -107,7 +107,7 @@ def test_job_submitted_to_a_cluster_serves_what_the_evaluation_predicted(real_da
 
 @pytest.mark.parametrize("layout", ["missing", "empty"])
 def test_run_with_a_wrong_data_path_fails_fast_with_what_was_expected(tmp_path, capsys, layout):
-    from tuning.cli import main
+    from cli.main import main
 
     data = tmp_path / "data"
     if layout == "empty":

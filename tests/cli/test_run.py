@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from serving.ingress import free_port
-
+from tests.numerics import PROBABILITY_ABS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,8 @@ def test_end_to_end_job_tunes_evaluates_serves_and_answers_like_the_evaluation(t
     summary = json.loads(next(line for line in printed.splitlines() if line.startswith("SUMMARY "))[8:])
     rows = {r["path"]: r for r in csv.DictReader(open(tmp_path / summary["report_dir"] / "predictions.csv"))}
     assert len(rows) == 16
-    assert summary["answer"]["probability"] == pytest.approx(float(rows[summary["sample"]]["prob_pneumonia"]), abs=1e-5)
+    expected = float(rows[summary["sample"]]["prob_pneumonia"])
+    assert summary["answer"]["probability"] == pytest.approx(expected, abs=PROBABILITY_ABS)
     metadata = json.loads((tmp_path / summary["package_dir"] / "metadata.json").read_text())
     assert summary["answer"]["model_version"] == metadata["version"]
     members = [m["trial_id"] for m in metadata["ensemble"]]
@@ -100,7 +101,8 @@ def test_job_submitted_to_a_cluster_serves_what_the_evaluation_predicted(real_da
                                              headers={"Content-Type": "image/jpeg"})
             answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
             assert answer["model_version"] == version
-            assert answer["probability"] == pytest.approx(float(row["prob_pneumonia"]), abs=1e-5), row["path"]
+            expected = float(row["prob_pneumonia"])
+            assert answer["probability"] == pytest.approx(expected, abs=PROBABILITY_ABS), row["path"]
     finally:
         cluster.stop()
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from tuning.config import TuneConfig
     from tuning.search import run_search
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # ours, not a recorded cluster
     figures = {}
     with tempfile.TemporaryDirectory() as storage:
         for name, strategy in STRATEGIES.items():

@@ -182,7 +182,7 @@ def main() -> None:
             port = free_port()
             code = (
                 "import sys, time, ray\nfrom ray import serve\nfrom serving.app import build_app\n"
-                "ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
+                "ray.init(address=\"local\", num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
                 f"serve.start(http_options={{'host': '127.0.0.1', 'port': {port}}})\n"
                 f"serve.run(build_app({{'package': {package!r}, 'replicas': 1, 'num_cpus': {args.replica_cpus}}}), "
                 "name='pneumonia', route_prefix='/')\n"

@@ -169,7 +169,7 @@ def _add_serving_commands(commands) -> None:
     serve = commands.add_parser("serve", help="deploy a model package with Ray Serve and keep serving")
     serve.add_argument("--model", required=True, help="model package (artifacts/VERSION) or model directory")
     serve.add_argument("--replicas", type=int, default=0, help="fixed replica count (default: autoscaling 1-2)")
-    serve.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    serve.add_argument("--address", help="Ray cluster to join: HOST:PORT of its head, or auto for the one `ray start` recorded on this machine (default: $RAY_ADDRESS, else a new local Ray of this command's own)")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
     _add_ingress_option(serve)
@@ -188,7 +188,8 @@ def _add_serving_commands(commands) -> None:
     run.add_argument("--config", help="tuning config (default: tuning/configs/quick.yaml)")
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a tuning config key")
     run.add_argument("--data", help="data dir or .npz (default: $PNEUMONIA_DATA, else MedMNIST in the cache)")
-    run.add_argument("--address", help="Ray cluster address (default: a local Ray, serving until Ctrl-C)")
+    run.add_argument("--address", help="Ray cluster to join: HOST:PORT of its head, or auto for the one `ray start` "
+                     "recorded on this machine (default: $RAY_ADDRESS, else a new local Ray, serving until Ctrl-C)")
     run.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
     _add_ingress_option(run)
     run.set_defaults(handler=_run)

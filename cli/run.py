@@ -3,8 +3,9 @@ package, deploy it with Ray Serve, query it once, and say where everything is.
 
     pneumonia run [--config tuning/configs/quick.yaml] [--address ADDR] [--data DIR] [--set key=value ...]
 
-Without ``--address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) it starts a local Ray in-process and
-keeps serving until Ctrl-C; on a cluster it returns and the Serve application stays up there.
+Without ``--address`` (or ``RAY_ADDRESS``, which ``ray job submit`` sets) it starts a new local Ray in-process (never
+a cluster the machine has recorded: that takes ``--address auto``) and keeps serving until Ctrl-C; on a cluster it
+returns and the Serve application stays up there.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from evaluation.evaluate import evaluate
 from models.config import load_config
 from models.dataset import detect_layout, resolve_data_path
 from models.download import DownloadError, download_medmnist
+from models.local_ray import resolve_address
 from models.paths import default_cache_dir, display_path
 from serving.client import classify
 from serving.ingress import claim_port, set_ingress_environment
@@ -93,7 +95,7 @@ def run_end_to_end(config_path: str | None = None, address: str | None = None, d
                    log: Callable[[str], None] = print, ingress: str = "auto") -> dict:
     """Search, evaluate once on test, export, serve, query once; blocks serving unless on a cluster."""
     started = time.time()
-    address = address or os.environ.get("RAY_ADDRESS") or None  # inside `ray job submit`: that cluster
+    address = resolve_address(address)  # inside `ray job submit`: that cluster (RAY_ADDRESS)
     data_path = resolve_data(data, log)
     if not address:  # the local Ray started below serves too: its port and HTTP ingress are settled first
         claim_port(port, log)
@@ -115,5 +117,5 @@ def run_end_to_end(config_path: str | None = None, address: str | None = None, d
     summary = {"best": best, "report_dir": str(result.report_dir), "package_dir": str(result.package_dir),
                "url": url, "sample": sample, "answer": answer}
     if block and not address:
-        serve_forever(address, log)
+        serve_forever(log)
     return summary

@@ -10,37 +10,87 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 
 from models.errors import PneumoniaError
 from models.runtime import install_stop_handlers, quiet_tensorflow
 
-_state = {"owned": False, "on_stop": []}
+_state = {"owned": False, "on_stop": [], "joined": None}
+
+
+class RayUnavailableError(PneumoniaError):
+    """An address was given (``--address`` / ``RAY_ADDRESS``) but no Ray cluster answers there."""
+
+
+def resolve_address(address: str | None = None) -> str | None:
+    """``--address``, else ``$RAY_ADDRESS``, else None: a new local Ray owned by this process. ``auto`` (Ray's word)
+    joins the cluster ``ray start`` recorded on this machine; a bare ``ray.init()`` would join that one too."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_reachable(address: str, timeout: float = 3.0) -> str:
+    """The host:port ``address`` stands for, once something listens there; else a :class:`RayUnavailableError`
+    within seconds (``ray.init`` would retry for minutes, printing GCS warnings)."""
+    from urllib.parse import urlsplit
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    local = "drop --address (and RAY_ADDRESS) to run a local Ray of this command's own"
+    if address.startswith("ray://"):  # Ray Client
+        parts = urlsplit(address)
+        host, port = parts.hostname, parts.port or 10001
+    else:
+        try:
+            host, _, port = canonicalize_bootstrap_address(address).rpartition(":")
+        except ConnectionError:
+            raise RayUnavailableError(f"--address {address}: no Ray cluster is recorded on this machine "
+                                      f"(`ray start --head` records one); {local}") from None
+        except ValueError as exc:
+            raise RayUnavailableError(f"--address {address}: {exc}; give HOST:PORT of a Ray head") from None
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        where = f"{host}:{port}"
+        if address == "auto":
+            where += " (recorded by `ray start` on this machine)"
+        elif address != where:
+            where = f"{address} ({where})"
+        raise RayUnavailableError(f"no Ray cluster answers at {where}: {exc.strerror or exc}. Start one there "
+                                  f"(`ray start --head --port {port}`), or {local}") from None
+    return f"{host}:{port}"
 
 
 def start_ray(address: str | None = None) -> bool:
-    """Join ``address`` / ``$RAY_ADDRESS``, else start a local Ray; returns whether this process owns it."""
+    """Join ``address`` / ``$RAY_ADDRESS`` (checked first: a dead one fails in seconds), else start a new local
+    Ray, whatever cluster the machine has recorded; returns whether this process owns it."""
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = resolve_address(address)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no "Started Serve in namespace" INFO lines
-    # a local Ray turns token auth on by itself (README: Running on a Ray cluster); not a warning for the user
+    # a local Ray turns token auth on by itself (docs/cluster.md); not a warning for the user
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     if not ray.is_initialized():
+        joined = check_reachable(address) if address else None
         # A local Ray's processes inherit a blocked SIGTERM: a service manager's SIGTERM to this process group
         # then reaches this process alone, which shuts them down in order (no C++ stack dumps, 5 s not 8).
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if not address else None
         try:
             # workers log to their own files (a trial to its trial.log); the console gets this process's lines
-            ray.init(address=address, include_dashboard=None if address else False, log_to_driver=False,
-                     logging_level=logging.WARNING)
+            ray.init(address=address or "local", include_dashboard=None if address else False,
+                     log_to_driver=False, logging_level=logging.WARNING)
         finally:
             if blocked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        _state["owned"] = not address
+        _state["owned"], _state["joined"] = not address, joined
         install_stop_handlers()  # after ray.init, which replaced the SIGTERM handler
     return _state["owned"]
+
+
+def joined_cluster() -> str | None:
+    """host:port of the cluster this process joined, or None (a local Ray of its own, or no Ray yet)."""
+    return _state["joined"]
 
 
 def on_stop(cleanup: Callable[[], object]) -> None:
@@ -79,8 +129,9 @@ def run_command(command: Callable[..., int], *args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the first Ctrl-C or SIGTERM (models.runtime.install_stop_handlers)
+        joined = joined_cluster()
         stop_ray()
-        print("stopped", file=sys.stderr)
+        print("stopped" + (f"; the Ray cluster at {joined} keeps running" if joined else ""), file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         # everything of ours is stopped; TensorFlow's and Ray's interpreter teardown would add about 3 s

@@ -48,7 +48,7 @@ def resolve_ingress(mode: str = "auto") -> str:
 
     ``haproxy``: Ray Serve's high-throughput mode: HAProxy in front of replicas that serve HTTP themselves,
     1.75x the requests/s of the Python proxy on 2 cores (BENCHMARKS.md). ``python``: Serve's Python HTTP
-    proxy. A cluster that is joined keeps the ingress it was started with (see README: Serving).
+    proxy. A cluster that is joined keeps the ingress it was started with (see docs/serving.md).
     """
     if mode not in INGRESS_MODES:
         raise ConfigError(f"ingress must be one of {', '.join(INGRESS_MODES)}; got {mode!r}")

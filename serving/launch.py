@@ -7,9 +7,11 @@ import os
 import time
 from collections.abc import Callable
 
-from models.local_ray import on_stop, start_ray, stop_ray
+from models.local_ray import joined_cluster, on_stop, resolve_address, start_ray, stop_ray
 from models.package import verify_model_dir
 from serving.ingress import claim_port, set_ingress_environment, start_watchdog, stop_haproxy
+
+APP_NAME = "pneumonia"  # the Serve application `pneumonia serve` and `pneumonia run` deploy
 
 
 def serve_model(package: str, replicas: int = 0, address: str | None = None, host: str = "127.0.0.1",
@@ -25,7 +27,7 @@ def serve_model(package: str, replicas: int = 0, address: str | None = None, hos
 
     verify_model_dir(package)  # a clear error here beats a replica failing to start
     settings = ServeSettings.parse({"package": os.path.abspath(package), "replicas": replicas})
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = resolve_address(address)
     local = not address and not ray.is_initialized()
     if local:
         claim_port(port, log, host)
@@ -35,24 +37,36 @@ def serve_model(package: str, replicas: int = 0, address: str | None = None, hos
         on_stop(functools.partial(stop_haproxy, port))  # this run's HAProxy goes down with its local Ray
         start_watchdog(port)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(settings), name="pneumonia", route_prefix="/")
+    try:
+        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    except KeyboardInterrupt:  # stopped while deploying: nothing half-deployed stays on a joined cluster
+        remove_from_joined_cluster(log)
+        raise
     url = f"http://{host}:{port}"
     log(f"serving {package} at {url}  (OpenAPI: {url}/docs)")
     if block:
-        serve_forever(address, log)
+        serve_forever(log)
     return url
 
 
-def serve_forever(address: str | None = None, log: Callable[[str], None] = print) -> None:
+def serve_forever(log: Callable[[str], None] = print) -> None:
     """Serve until Ctrl-C or SIGTERM (``models.runtime.install_stop_handlers``), then stop: a local Ray and its
-    HAProxy go down with this process; on a joined cluster the application is shut down and the cluster stays."""
-    from ray import serve
-
+    HAProxy go down with this process; on a joined cluster this application is deleted and the cluster stays."""
     log("serving until Ctrl-C")
     try:
         while True:
             time.sleep(3600)
     finally:
-        if address:
-            serve.shutdown()
+        remove_from_joined_cluster(log)
         stop_ray()
+
+
+def remove_from_joined_cluster(log: Callable[[str], None] = print) -> None:
+    """On a cluster this process joined, delete this application (ours only: the cluster and its other
+    applications stay); a local Ray goes down whole with :func:`models.local_ray.stop_ray`."""
+    from ray import serve
+
+    joined = joined_cluster()
+    if joined:
+        serve.delete(APP_NAME)
+        log(f"removed the application `{APP_NAME}` from the Ray cluster at {joined}")

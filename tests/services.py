@@ -51,8 +51,12 @@ def stop_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
 class LocalRayCluster:
     """``ray start --head`` plus worker nodes on one machine, each with its own temp dir, under token auth."""
 
-    def __init__(self, root: Path, cpus: int = 1, gpus: int = 1, workers: int = 1, env: dict | None = None):
+    def __init__(self, root: Path, cpus: int = 1, gpus: int = 1, workers: int = 1, env: dict | None = None,
+                 temp_root: Path | None = None, head_name: str = "head"):
+        """Each node's temp dir is ``temp_root/NAME`` (the head's ``temp_root/head_name``), where ``ray start``
+        also records the cluster (``ray_current_cluster``); ``temp_root`` defaults to a new short dir."""
         self.root = root
+        self.head_name = head_name
         self.cpus, self.gpus, self.workers = cpus, gpus, workers
         self.port, self.dashboard_port = free_port(), free_port()
         token_path = root / "auth_token"
@@ -61,7 +65,7 @@ class LocalRayCluster:
                     "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
         self.nodes: dict[str, subprocess.Popen] = {}
         # Ray's unix sockets live under each node's temp dir and must stay under 107 bytes: keep it short.
-        self.temp_root = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+        self.temp_root = Path(temp_root or tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
 
     @property
     def address(self) -> str:
@@ -83,7 +87,7 @@ class LocalRayCluster:
         )
 
     def start(self) -> LocalRayCluster:
-        self._start("head", ["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
+        self._start(self.head_name, ["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
                              "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port",
                              str(free_port() % 1000 + 20000), "--include-dashboard", "true"])
         self.wait_for_nodes(1)
@@ -102,6 +106,13 @@ class LocalRayCluster:
             return json.loads(out.stdout) if out.returncode == 0 else []
         except json.JSONDecodeError:  # "No resource in the cluster" while nodes register
             return []
+
+    def actors(self) -> list[dict]:
+        """Every actor the cluster has seen (``ray list actors``), alive or dead."""
+        out = subprocess.run([str(BIN / "ray"), "list", "actors", "--address", self.dashboard, "--format", "json",
+                              "--limit", "1000"], env=self.env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return [] if out.stdout.startswith("No resource") else json.loads(out.stdout)
 
     def alive_nodes(self) -> list[dict]:
         return [n for n in self.list_nodes() if n.get("state") == "ALIVE"]

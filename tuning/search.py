@@ -4,8 +4,9 @@ What ``ray job submit`` and ``ray submit`` run; ``pneumonia tune`` is the same:
 
     python -m tuning.search --config tuning/configs/quick.yaml [--set key=value ...] [--address ADDR] [--resume]
 
-Joins the cluster at ``--address`` / ``$RAY_ADDRESS``, else starts a local Ray in-process. At the end it
-writes ``best.json`` (trial, family, config, validation metrics, checkpoint) into the experiment dir.
+Joins the cluster at ``--address`` / ``$RAY_ADDRESS`` (``auto``: the one ``ray start`` recorded on this machine),
+else starts a new local Ray in-process. At the end it writes ``best.json`` (trial, family, config, validation
+metrics, checkpoint) into the experiment dir.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from models.config import load_config, to_dict
-from models.local_ray import run_command, start_ray
+from models.local_ray import resolve_address, run_command, start_ray
 from models.package import METRIC, MODE, read_metadata
 from models.paths import default_cache_dir
 from tuning.config import TuneConfig
@@ -158,7 +159,7 @@ def run_search(config: TuneConfig, address: str | None = None, resume: bool = Fa
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created" is said by name_experiment
     # "The `on_step_begin` operation took 0.6 s": Tune's own loop on a busy machine, nothing a user can act on
     logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = resolve_address(address)
     config, said = name_experiment(config, resume)  # before Ray starts: a mistake costs a second
     path = experiment_path(config)
     if resume and not tune.Tuner.can_restore(path):
@@ -199,7 +200,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--config", help="YAML (tuning/configs/quick.yaml, full-cpu.yaml, gpu-cluster.yaml)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. num_samples=4")
     parser.add_argument("--data", help="data dir or .npz on every node (default: train.data.path, $PNEUMONIA_DATA)")
-    parser.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--address", help="Ray cluster to join: HOST:PORT of its head, or auto for the one `ray start` recorded on this machine (default: $RAY_ADDRESS, else a new local Ray of this command's own)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the newest experiment of this config (NAME or NAME-<time>) instead of a new one")
     return parser

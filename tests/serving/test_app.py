@@ -72,7 +72,7 @@ def endpoint(package):
     port = free_port()
     saved = {key: os.environ.get(key) for key in [*HAPROXY_ENV, *HAPROXY_PORTS, *HAPROXY_PATHS]}
     assert set_ingress_environment("auto", port) == "haproxy"  # as `pneumonia serve` does (ray[serve] bundles it)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # logical: room for 2 apps x 2 replicas
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # 4 logical: 2 apps x 2 replicas
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"package": str(package[0]), "max_body_bytes": 2_000_000, "max_pixels": 4_000_000,

@@ -1,6 +1,8 @@
 """Stopping as a service manager does: SIGTERM to the process group of a serving `pneumonia serve` and of a
 `pneumonia run` in its search; SIGTERM then SIGKILL, then the next server on the same port. Each process is
-found by what marks it as this run's: its Ray temp dir, its HAProxy config dir."""
+found by what marks it as this run's: its Ray session dir, its HAProxy config dir. Beside them, the Ray clusters
+a workstation keeps: a `ray start --head` recorded where a bare ``ray.init()`` looks, and a killed head's record
+left behind; without --address a `pneumonia` command starts a Ray of its own whatever the machine recorded."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import pytest
 
 from cli.main import main
 from serving.ingress import free_port, our_haproxy
-from tests.services import BIN, group_alive, stop_group
+from tests.services import BIN, LocalRayCluster, group_alive, stop_group
 
 pytestmark = pytest.mark.slow
 TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8", "batch_size=8",
@@ -49,13 +51,31 @@ def _ray_processes(temp: Path) -> list[int]:
     return found
 
 
-def _start(args: list[str], tmp_path: Path, name: str) -> tuple[subprocess.Popen, Path, Path]:
-    temp = Path(f"/tmp/rs-{os.getpid()}-{name}")  # short: Ray's socket paths must stay under 107 bytes
+def _start(args: list[str], tmp_path: Path, name: str, temp: Path | None = None,
+           env: dict | None = None) -> tuple[subprocess.Popen, Path, Path]:
+    """`pneumonia ARGS` in its own process group; its Ray's default temp dir is ``temp``/ray (RAY_TMPDIR)."""
+    temp = temp or Path(f"/tmp/rs-{os.getpid()}-{name}")  # short: Ray's socket paths must stay under 107 bytes
     log = tmp_path / f"{name}.log"
-    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_AUTH_MODE": "disabled", **(env or {})}
     process = subprocess.Popen([str(BIN / "pneumonia"), *args], cwd=tmp_path, env=env, stdout=open(log, "w"),
                                stderr=subprocess.STDOUT, start_new_session=True)
     return process, temp, log
+
+
+@pytest.fixture
+def recorded_head(tmp_path):
+    """A `ray start --head` of the test's own, under token auth, recorded in ROOT/ray/ray_current_cluster: where a
+    bare ``ray.init()`` of a process with RAY_TMPDIR=ROOT looks, as /tmp/ray records a workstation's head."""
+    root = Path(f"/tmp/rh-{os.getpid()}")
+    head = LocalRayCluster(tmp_path, cpus=1, gpus=0, workers=0, temp_root=root, head_name="ray").start()
+    try:
+        yield head, root
+    finally:
+        head.stop()
+
+
+def _serve_actors(cluster: LocalRayCluster) -> list[str]:
+    return [a["class_name"] for a in cluster.actors() if "Serve" in a["class_name"] or "Classifier" in a["class_name"]]
 
 
 def _wait(condition, what: str, process: subprocess.Popen, log: Path, timeout: float = 400.0) -> None:
@@ -91,17 +111,40 @@ def _stopped_cleanly(process: subprocess.Popen, temp: Path, port: int, log: Path
     return seconds
 
 
-def test_sigterm_stops_a_serving_pneumonia_serve_and_leaves_nothing(package, tmp_path):
+def test_sigterm_stops_a_serving_pneumonia_serve_and_leaves_nothing(package, recorded_head, tmp_path):
+    """With a live head recorded on the machine (whose token it holds, so joining would work), `pneumonia serve`
+    without --address starts a Ray of its own, deploys nothing into the head's cluster, and its stop leaves that
+    cluster running. Once the head is killed, --address auto (its record) and --address at it fail in seconds."""
+    head, root = recorded_head
+    token = {key: head.env[key] for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    head_session = (root / "ray" / "session_latest").resolve()
     port = free_port()
-    process, temp, log = _start(["serve", "--model", str(package[0]), "--port", str(port)], tmp_path, "serve")
+    process, _, log = _start(["serve", "--model", str(package[0]), "--port", str(port)], tmp_path, "serve",
+                             temp=root, env=token)
     try:
         _wait(lambda: _healthy(port) and "serving until Ctrl-C" in log.read_text(), "endpoint", process, log)
-        assert our_haproxy(port) and _ray_processes(temp)
+        session = (root / "ray" / "session_latest").resolve()  # this run's Ray, beside the head's session
+        assert session != head_session and _ray_processes(session) and our_haproxy(port)
+        assert not _serve_actors(head), "the application was deployed into the recorded cluster"
         assert process.returncode is None
-        _stopped_cleanly(process, temp, port, log)
+        _stopped_cleanly(process, session, port, log)
         assert process.returncode == 130
     finally:
         stop_group(process)
+    assert not _healthy(port) and len(head.alive_nodes()) == 1 and not _serve_actors(head)
+
+    os.killpg(head.nodes["ray"].pid, signal.SIGKILL)  # a crashed head: its record stays behind
+    head.nodes["ray"].wait(timeout=60)
+    assert (root / "ray" / "ray_current_cluster").read_text().strip().endswith(f":{head.port}")  # (the node's IP)
+    for address in ("auto", head.address):
+        started = time.time()
+        failed = subprocess.run([str(BIN / "pneumonia"), "serve", "--model", str(package[0]), "--port", str(port),
+                                 "--address", address], env={**os.environ, "RAY_TMPDIR": str(root), **token},
+                                capture_output=True, text=True, timeout=60)
+        assert failed.returncode == 2, failed.stdout[-2000:] + failed.stderr[-2000:]
+        assert failed.stderr.startswith("error: no Ray cluster answers at "), failed.stderr[-2000:]
+        assert f":{head.port}" in failed.stderr.splitlines()[0]
+        print(f"--address {address} at a killed head: exit 2 after {time.time() - started:.1f} s")
 
 
 def test_sigterm_stops_pneumonia_run_in_its_search_and_leaves_nothing(package, tmp_path):
@@ -122,6 +165,9 @@ def test_after_sigterm_then_sigkill_the_next_server_on_that_port_comes_up(packag
     """As a service manager gives up: SIGTERM, then SIGKILL 2 s later (the 2 s are the scenario, not a wait
     for a condition). Whatever of the first server survives must not keep the port from the second."""
     port = free_port()
+    # what a head killed with SIGKILL leaves where a bare ray.init() looks: its record, naming a dead address
+    (Path(f"/tmp/rs-{os.getpid()}-first") / "ray").mkdir(parents=True, exist_ok=True)
+    (Path(f"/tmp/rs-{os.getpid()}-first") / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
     first, temp, log = _start(["serve", "--model", str(package[0]), "--port", str(port)], tmp_path, "first")
     try:
         _wait(lambda: _healthy(port) and "serving until Ctrl-C" in log.read_text(), "first endpoint", first, log)

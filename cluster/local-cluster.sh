@@ -42,8 +42,10 @@ case "${1:-}" in
       groups+=("$(cat "$f")")
       rm -f "$f"
     done
-    for g in "${groups[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
-    for _ in $(seq 1 20); do   # up to 10 s to exit cleanly, then SIGKILL what is left
+    # SIGTERM to each `ray start --block` alone: it drains its node and stops the node's processes (~3 s). A
+    # SIGTERM to the whole group would kill the GCS first and leave the head waiting 30 s on it.
+    for g in "${groups[@]}"; do kill -TERM "$g" 2>/dev/null || true; done
+    for _ in $(seq 1 60); do   # up to 30 s to exit cleanly, then SIGKILL what is left
       left=0
       for g in "${groups[@]}"; do kill -0 -- "-$g" 2>/dev/null && left=1; done
       [ "$left" = 0 ] && break

@@ -48,6 +48,27 @@ def stop_group(process: subprocess.Popen, timeout: float = 15.0) -> None:
             continue
 
 
+def stop_ray_node(pid: int, process: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
+    """Stop one `ray start --block` node, the leader of its process group, as `ray stop` would: SIGTERM to it
+    alone, so it drains the node and stops the node's processes (~3 s); SIGTERM to the whole group kills the GCS
+    first and leaves the head waiting 30 s on it. Whatever of the group is left after ``timeout`` gets SIGKILL."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.time() + timeout
+    while group_alive(pid) and time.time() < deadline:
+        if process is not None:
+            process.poll()  # reap the leader: a zombie does not count as alive
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if process is not None:
+        process.wait(timeout)
+
+
 class LocalRayCluster:
     """``ray start --head`` plus worker nodes on one machine, each with its own temp dir, under token auth."""
 
@@ -157,7 +178,7 @@ class LocalRayCluster:
 
     def stop(self) -> None:
         for process in reversed(list(self.nodes.values())):
-            stop_group(process)
+            stop_ray_node(process.pid, process)
         shutil.rmtree(self.temp_root, ignore_errors=True)
 
 

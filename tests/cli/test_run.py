@@ -67,7 +67,7 @@ def test_end_to_end_job_tunes_evaluates_serves_and_answers_like_the_evaluation(t
 @pytest.mark.slow
 def test_job_submitted_to_a_cluster_serves_what_the_evaluation_predicted(real_data, tmp_path):
     """The main job on the shared data, as a user submits it: `ray job submit -- pneumonia run` to a local
-    cluster (tiny budget: 3 trials, 1 epoch, 64/75 px, a subset of train; full validation and test splits),
+    cluster (tiny budget: 2 trials, 1 epoch, 64/75 px, a subset of train; full validation and test splits),
     then real test films over HTTP must get the probabilities the evaluation wrote to predictions.csv."""
     import shlex
     import urllib.request
@@ -77,7 +77,7 @@ def test_job_submitted_to_a_cluster_serves_what_the_evaluation_predicted(real_da
     cluster = LocalRayCluster(tmp_path, cpus=2, gpus=0, workers=0).start()
     try:
         port = free_port()
-        sets = ["num_samples=3", "max_concurrent=2", "train.epochs=1", "grace_period=1",
+        sets = ["num_samples=2", "max_concurrent=2", "train.epochs=1", "grace_period=1",
                 "space.cnn_image_sizes=[64]", "space.inception_image_sizes=[75]", "space.cnn_depth=[3,4]",
                 "points_to_evaluate=[{model.family: cnn}, {model.family: inception}]",
                 "train.data.max_train_images=600", "train.mixed_precision=float32", f"storage_path={tmp_path}/results"]

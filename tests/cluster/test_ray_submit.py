@@ -21,7 +21,7 @@ import yaml
 
 from serving.ingress import free_port
 from tests.conftest import REAL_DATA, write_split
-from tests.services import BIN, group_alive, stop_group
+from tests.services import BIN, group_alive, stop_group, stop_ray_node
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -116,14 +116,7 @@ def test_ray_up_and_ray_submit_a_tiny_search(sshd, tmp_path):
     finally:
         pgid = int(pgid_file.read_text()) if pgid_file.exists() else None
         if pgid:
-            for sig in (15, 9):
-                try:
-                    os.killpg(pgid, sig)
-                except ProcessLookupError:
-                    break
-                deadline = time.time() + 10
-                while group_alive(pgid) and time.time() < deadline:
-                    time.sleep(0.3)
+            stop_ray_node(pgid)
         for path in created:
             path.unlink(missing_ok=True)
         for path in Path("/tmp/ray").glob(f"cluster-{name}*"):

@@ -293,54 +293,6 @@ def test_predict_cli_prints_one_line_per_image_and_fails_on_errors(endpoint, pac
     assert "error 415" in capsys.readouterr().err
 
 
-def test_new_package_swaps_the_model_on_live_replicas_without_failed_requests(endpoint, package, tmp_path):
-    import threading
-
-    from ray import serve
-
-    from serving.app import build_app
-
-    model_dir = Path(json.loads((package[0] / "metadata.json").read_text())["source"]["path"])
-    assert main(["evaluate", "--model", str(model_dir), "--name", "second", "--reports", str(tmp_path / "r"),
-                 "--artifacts", str(tmp_path / "a")]) == 0
-    (second,) = (tmp_path / "a").iterdir()
-    jpeg = next(Path(r["path"]) for r in csv.DictReader(open(package[1]))).read_bytes()
-    statuses, versions, stop = [], set(), threading.Event()
-
-    def load():
-        while not stop.is_set():
-            try:
-                status, body, _ = _post(endpoint, jpeg)
-            except DROPPED:
-                status, body = 0, {}  # a dropped connection is a failed request: the assertion below says so
-            statuses.append(status)
-            versions.add(body.get("model_version"))
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    try:
-        _wait_for(lambda: len(statuses) >= 8, "load on the first package")
-        serve.run(build_app({"package": str(second), "max_body_bytes": 2_000_000, "max_pixels": 4_000_000,
-                             "auth_token": TOKEN}), name="pneumonia", route_prefix="/")
-        _wait_for(lambda: second.name in versions, "answers from the second package")
-        swapped = len(statuses)
-        _wait_for(lambda: len(statuses) >= swapped + 8, "load on the second package")
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-    assert statuses and set(statuses) == {200}
-    assert versions == {package[0].name, second.name}
-    with urllib.request.urlopen(f"{endpoint}/metadata", timeout=30) as response:
-        assert json.loads(response.read())["model_version"] == second.name
-    # and back, for the tests that follow
-    serve.run(build_app({"package": str(package[0]), "max_body_bytes": 2_000_000, "max_pixels": 4_000_000,
-                         "auth_token": TOKEN}), name="pneumonia", route_prefix="/")
-    with urllib.request.urlopen(f"{endpoint}/metadata", timeout=30) as response:
-        assert json.loads(response.read())["model_version"] == package[0].name
-
-
 def test_web_page_in_headless_chromium_classifies_an_upload(endpoint, package, tmp_path):
     """Debian's chromium (installed by .ci/run), driven by Playwright; a screenshot lands in docs/img/."""
     import shutil
@@ -520,3 +472,47 @@ def test_the_openapi_contract_holds_under_schemathesis(endpoint, tmp_path):
     assert "No issues found" in run.stdout or "passed" in run.stdout.lower()
     with urllib.request.urlopen(f"{endpoint}/healthz", timeout=30) as response:  # and it is still up
         assert response.status == 200
+
+
+def test_new_package_swaps_the_model_on_live_replicas_without_failed_requests(endpoint, package, tmp_path):
+    """Last in this module: the second package stays deployed (swapping back cost a replica start)."""
+    import threading
+
+    from ray import serve
+
+    from serving.app import build_app
+
+    model_dir = Path(json.loads((package[0] / "metadata.json").read_text())["source"]["path"])
+    assert main(["evaluate", "--model", str(model_dir), "--name", "second", "--reports", str(tmp_path / "r"),
+                 "--artifacts", str(tmp_path / "a")]) == 0
+    (second,) = (tmp_path / "a").iterdir()
+    jpeg = next(Path(r["path"]) for r in csv.DictReader(open(package[1]))).read_bytes()
+    statuses, versions, stop = [], set(), threading.Event()
+
+    def load():
+        while not stop.is_set():
+            try:
+                status, body, _ = _post(endpoint, jpeg)
+            except DROPPED:
+                status, body = 0, {}  # a dropped connection is a failed request: the assertion below says so
+            statuses.append(status)
+            versions.add(body.get("model_version"))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        _wait_for(lambda: len(statuses) >= 8, "load on the first package")
+        serve.run(build_app({"package": str(second), "max_body_bytes": 2_000_000, "max_pixels": 4_000_000,
+                             "auth_token": TOKEN}), name="pneumonia", route_prefix="/")
+        _wait_for(lambda: second.name in versions, "answers from the second package")
+        swapped = len(statuses)
+        _wait_for(lambda: len(statuses) >= swapped + 8, "load on the second package")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert statuses and set(statuses) == {200}
+    assert versions == {package[0].name, second.name}
+    with urllib.request.urlopen(f"{endpoint}/metadata", timeout=30) as response:
+        assert json.loads(response.read())["model_version"] == second.name

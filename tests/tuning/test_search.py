@@ -147,7 +147,7 @@ def test_lost_worker_node_trial_resumes_from_its_checkpoint(tmp_path, search_dat
         storage = tmp_path / "shared"
         args = ["--address", ray_cluster.address, "--data", search_data,
                 *_sets([*TINY_SEARCH, "num_samples=2", "scheduler=fifo", "space.families=[cnn]", "train.epochs=6",
-                        "checkpoint_every=1", "max_failures=2", "train.data.max_train_images=1024",
+                        "checkpoint_every=1", "max_failures=2", "train.data.max_train_images=512",
                         "points_to_evaluate=[]", f"storage_path={storage}", "shared_storage=true", "name=fault"])]
         driver = _run_driver(args, ray_cluster.env, tmp_path / "driver.log")
         experiment = storage / "fault"

@@ -10,6 +10,8 @@ import logging
 import os
 from functools import lru_cache
 
+from models.precision import PRECISIONS, choose_precision
+
 log = logging.getLogger(__name__)
 
 
@@ -63,47 +65,38 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
-@lru_cache(maxsize=1)
-def cpu_supports_bfloat16() -> bool:
-    """True on CPUs with native bfloat16 math (AMX or AVX512-BF16), where oneDNN makes it fast."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return False
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
-
-
-def resolve_precision(requested: str) -> str:
-    """``auto`` -> bfloat16 on capable CPUs, float16 on GPUs, float32 otherwise."""
+def resolve_precision(requested: str, model=None) -> tuple[str, str]:
+    """(precision, why): as asked, or for ``auto`` what :func:`models.precision.choose_precision` measures."""
     if requested != "auto":
-        if requested not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"mixed_precision must be auto, float32, bfloat16 or float16, got {requested!r}")
-        return requested
-    import tensorflow as tf
-
-    if tf.config.list_physical_devices("GPU"):
-        return "float16"
-    return "bfloat16" if cpu_supports_bfloat16() else "float32"
+        if requested not in PRECISIONS:
+            raise ValueError(f"mixed_precision must be auto, {', '.join(PRECISIONS)}, got {requested!r}")
+        return requested, "as configured"
+    return choose_precision(model)
 
 
-def configure_tensorflow(threads: int = 0, precision: str = "float32") -> dict:
-    """Set TF's intra/inter-op threads, GPU memory growth and Keras' dtype policy; returns what was set."""
+_configured_threads: dict[str, int] = {}
+
+
+def configure_tensorflow(threads: int = 0, precision: str = "float32", model=None) -> dict:
+    """Set TF's intra/inter-op threads, GPU memory growth and Keras' dtype policy (for ``auto``, the one that
+    trains ``model``, a ``ModelConfig``, faster here); returns what was set and why."""
     tf = import_tensorflow()
     import keras
 
     threads = threads or available_cpus()
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
-    except RuntimeError:  # TF already initialised in this process; keep what it has
-        log.warning("TensorFlow was already initialised; thread and GPU settings left as they are")
-        threads = tf.config.threading.get_intra_op_parallelism_threads() or threads
-    resolved = resolve_precision(precision)
+    if _configured_threads.get("threads") != threads:  # a second call with the same threads (an ensemble is
+        try:                                           # built, then evaluated) has nothing to change
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(min(2, threads))
+            for gpu in tf.config.list_physical_devices("GPU"):
+                tf.config.experimental.set_memory_growth(gpu, True)
+            _configured_threads["threads"] = threads
+        except RuntimeError:  # TF already initialised in this process; keep what it has
+            log.warning("TensorFlow was already initialised; thread and GPU settings left as they are")
+            threads = tf.config.threading.get_intra_op_parallelism_threads() or threads
+    resolved, why = resolve_precision(precision, model)
     keras.mixed_precision.set_dtype_policy("float32" if resolved == "float32" else f"mixed_{resolved}")
-    return {"threads": threads, "precision": resolved}
+    return {"threads": threads, "precision": resolved, "precision_reason": why}
 
 
 _stop_signals = 0

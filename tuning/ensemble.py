@@ -18,6 +18,7 @@ from pathlib import Path
 
 from models.package import METRIC, MODE, EnsembleMember, load_model_dir, read_metadata, save_model_dir
 from models.paths import default_cache_dir, display_path
+from models.runtime import configure_tensorflow
 from tuning.experiment import SearchError, is_remote
 
 
@@ -49,6 +50,7 @@ def top_members(experiment: str, size: int) -> list[EnsembleMember]:
 def build_ensemble(members: list[EnsembleMember], directory: str | Path) -> Path:
     """Write a model directory whose model averages the members' outputs; its metadata is the best
     member's (class names, input, config) plus the member list."""
+    configure_tensorflow(0, "float32")  # before Keras: TensorFlow's start-up quiet, threads set once
     import keras
 
     models, metadata = [], None

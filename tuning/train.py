@@ -141,7 +141,7 @@ def fit(
     weights of the epoch with the best validation AUC."""
     import keras
 
-    runtime = runtime or configure_tensorflow(config.threads, config.mixed_precision)
+    runtime = runtime or configure_tensorflow(config.threads, config.mixed_precision, config.model)
     keras.utils.set_random_seed(config.seed)
     splits = splits or load_data(config)
     d, m = config.data, config.model
@@ -205,7 +205,9 @@ def train(config: TrainConfig, output: str | Path | None = None, log: Callable[[
         f"val {len(splits.val)} {splits.val.counts()} (patient-grouped, overlap {splits.patient_overlap})"
     )
     result = fit(config, splits, log=log)
-    log(f"runtime: {result.runtime['precision']}, {result.runtime['threads']} threads; best epoch {result.best_epoch}")
+    runtime = result.runtime
+    log(f"runtime: {runtime['precision']} ({runtime['precision_reason']}), {runtime['threads']} threads; "
+        f"best epoch {result.best_epoch}")
     directory = Path(output or Path(config.output_dir) / config.name)
     save_model_dir(result.model, model_metadata(config, splits, result), directory)
     log(f"model directory: {directory}")

@@ -107,7 +107,8 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
     config = dataclasses.replace(config, name=f"{config.model.family}-{tune.get_context().get_trial_id()}")
     log(f"trial {config.name}: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
     # Threads and GPU memory growth before any TF op; fractional GPUs then share a card.
-    runtime = configure_tensorflow(_trial_cpus(), config.mixed_precision)
+    runtime = configure_tensorflow(_trial_cpus(), config.mixed_precision, config.model)
+    log(f"precision: {runtime['precision']} ({runtime['precision_reason']})")
     splits = load_data(config)
     model, state = None, TrialState()
     if checkpoint := tune.get_checkpoint():
@@ -119,6 +120,7 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
         "node_id": ray.get_runtime_context().get_node_id(),
         "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
         "start_epoch": state.epoch,  # > 0 after a restart from a checkpoint
+        "precision": runtime["precision"],  # why: the trial's trial.log and its checkpoints' metadata
     }
     callback = report_to_tune(config, splits, runtime, state, placement, checkpoint_every, entered)
     fit(config, splits, model=model, initial_epoch=state.epoch, callbacks=[callback], runtime=runtime, log=log)

@@ -86,15 +86,23 @@ def test_training_on_npz_with_oversampling(npz_file, tmp_path):
     assert metadata["data"]["counts"]["val"] == {"NORMAL": 5, "PNEUMONIA": 5}
 
 
-def test_mixed_precision_auto_uses_bfloat16_on_bf16_cpus(mendeley_dir, tmp_path):
-    from models.runtime import cpu_supports_bfloat16
+def test_mixed_precision_auto_trains_in_the_precision_measured_faster_and_says_why(mendeley_dir, tmp_path,
+                                                                                      monkeypatch):
+    from models.precision import cpu_supports_bfloat16
 
+    monkeypatch.setenv("PNEUMONIA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "m"
     args = [a for a in TINY if not a.startswith("mixed_precision")]
     assert main(["train", "--data", str(mendeley_dir), "--output", str(out),
                  *_sets(*args, "epochs=1", "mixed_precision=auto", "threads=1")]) == 0
     runtime = json.loads((out / "metadata.json").read_text())["runtime"]
-    assert runtime["precision"] == ("bfloat16" if cpu_supports_bfloat16() else "float32")
+    if not cpu_supports_bfloat16():
+        assert runtime["precision"] == "float32" and "without bfloat16" in runtime["precision_reason"]
+        return
+    (measured,) = (tmp_path / "cache" / "precision").glob("*.json")
+    winner = json.loads(measured.read_text())
+    assert runtime["precision"] == winner["precision"] == max(winner["images_per_sec"], key=winner["images_per_sec"].get)
+    assert runtime["precision_reason"].startswith(f"auto: {winner['precision']} trained cnn at 32 px faster")
 
 
 @pytest.mark.real_data

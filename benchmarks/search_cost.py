@@ -25,13 +25,13 @@ REPO = Path(__file__).resolve().parents[1]
 def size_rates(sizes: list[int], steps: int, batch_size: int) -> dict[int, float]:
     import dataclasses
 
-    from benchmarks.train_throughput import model_images_per_sec
+    from models.precision import images_per_sec
     from models.config import TrainConfig, load_config
     from models.runtime import configure_tensorflow
 
     configure_tensorflow(0, "float32")
     base = load_config(TrainConfig, REPO / "tuning" / "configs" / "train-cnn.yaml").model
-    return {size: model_images_per_sec(dataclasses.replace(base, image_size=size), "float32", batch_size, steps)
+    return {size: images_per_sec(dataclasses.replace(base, image_size=size), "float32", batch_size, steps)
             for size in sizes}
 
 

@@ -1,6 +1,8 @@
 """Training throughput, measured side by side in one process (ratios, not absolute timings, are the result).
 
-1. Model: training images/s of each family, float32 vs mixed bfloat16 (train_on_batch on in-memory batches).
+1. Model: training images/s of each family at the sizes the configs use, float32 vs mixed bfloat16
+   (``models.precision.images_per_sec``: train_on_batch on in-memory batches, what ``mixed_precision: auto``
+   measures), and what auto picks for each on this machine.
 2. Input pipeline: images/s of the training tf.data pipeline (cold: decode + preprocess; warm: cached,
    shuffled, augmented) against the model's images/s, to show the pipeline is not the bottleneck.
 
@@ -13,30 +15,6 @@ import argparse
 import json
 import platform
 import time
-
-import numpy as np
-
-
-def model_images_per_sec(model_config, precision: str, batch_size: int, steps: int, warmup: int = 3) -> float:
-    import keras
-
-    from models.config import TrainConfig
-    from models.networks import build_model
-    from tuning.train import compile_model
-
-    keras.mixed_precision.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
-    model = build_model(model_config)
-    compile_model(model, TrainConfig(model=model_config, batch_size=batch_size), steps_per_epoch=steps)
-    rng = np.random.default_rng(0)
-    size = model_config.image_size
-    x = rng.random((batch_size, size, size, 1), dtype=np.float32)
-    y = (rng.random(batch_size) > 0.5).astype(np.float32)
-    for _ in range(warmup):
-        model.train_on_batch(x, y)
-    start = time.perf_counter()
-    for _ in range(steps):
-        model.train_on_batch(x, y)
-    return steps * batch_size / (time.perf_counter() - start)
 
 
 def pipeline_images_per_sec(split, image_size: int, batch_size: int, augment: float) -> dict[str, float]:
@@ -59,25 +37,32 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    from models.config import TrainConfig, load_config
+    from models.config import ModelConfig, TrainConfig, load_config
     from models.dataset import load_splits
+    from models.precision import images_per_sec
     from models.runtime import available_cpus, configure_tensorflow
 
     runtime = configure_tensorflow(0, "float32")
     cnn = load_config(TrainConfig, "tuning/configs/train-cnn.yaml").model
     inception = load_config(TrainConfig, "tuning/configs/train-inception.yaml").model
-    families = {"cnn": cnn, "inception": inception}
+    families = {  # the configs' sizes: train-*.yaml, and full-cpu-pretrained.yaml's Lite0 trials
+        "cnn": cnn, "inception": inception,
+        "lite0-all": ModelConfig(family="efficientnet_lite0", image_size=224, trainable_blocks=-1),
+        "lite0-last3": ModelConfig(family="efficientnet_lite0", image_size=192, trainable_blocks=3),
+    }
     results: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {available_cpus()} CPUs, TF threads {runtime['threads']}",
         "batch_size": args.batch_size,
         "model": {},
     }
     for name, config in families.items():
-        rates = {p: model_images_per_sec(config, p, args.batch_size, args.steps) for p in ("float32", "bfloat16")}
+        rates = {p: images_per_sec(config, p, args.batch_size, args.steps) for p in ("float32", "bfloat16")}
         rates["bfloat16_over_float32"] = rates["bfloat16"] / rates["float32"]
+        rates["auto_picks"] = "bfloat16" if rates["bfloat16"] > rates["float32"] else "float32"
         results["model"][f"{name}-{config.image_size}"] = rates
         print(f"{name} {config.image_size}px: float32 {rates['float32']:.1f} img/s, bfloat16 "
-              f"{rates['bfloat16']:.1f} img/s, ratio {rates['bfloat16_over_float32']:.2f}", flush=True)
+              f"{rates['bfloat16']:.1f} img/s, ratio {rates['bfloat16_over_float32']:.2f}, auto picks "
+              f"{rates['auto_picks']}", flush=True)
 
     splits = load_splits(args.data)
     pipeline = pipeline_images_per_sec(splits.train, cnn.image_size, args.batch_size, augment=1.0)

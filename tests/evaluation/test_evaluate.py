@@ -193,6 +193,8 @@ def test_package_reloads_in_a_fresh_process_and_reproduces_predictions(trained, 
         "from models.package import load_model_dir\n"
         "from evaluation.evaluate import predict_split\n"
         "from models.paths import display_path\n"
+        "from models.runtime import configure_tensorflow\n"
+        "configure_tensorflow(0, 'float32')\n"  # the evaluation's threads: the same kernels, the same floats
         "model, meta = load_model_dir(sys.argv[1])\n"
         "test = load_splits(sys.argv[2]).test\n"
         "for path, p in zip(test.paths, meta.probabilities(predict_split(model, test, meta.input))):\n"

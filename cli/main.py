@@ -85,7 +85,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    serve_model(args.model, args.replicas, args.address, args.host, args.port, ingress=args.ingress)
+    serve_model(args.model, args.replicas, args.address, args.host, args.port, ingress=args.ingress,
+                allow_unauthenticated=args.allow_unauthenticated)
     return 0
 
 
@@ -94,7 +95,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    run_end_to_end(args.config, args.address, args.data, args.set, args.port, ingress=args.ingress)
+    run_end_to_end(args.config, args.address, args.data, args.set, args.port, ingress=args.ingress,
+                   allow_unauthenticated=args.allow_unauthenticated)
     return 0
 
 
@@ -102,6 +104,12 @@ def _add_ingress_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ingress", choices=INGRESS_MODES, default="auto",
                         help="HTTP ingress of a local Ray: haproxy (Serve's high-throughput mode), python (Serve's "
                              "proxy), or auto: haproxy when Ray has its binary, as ray[serve] bundles one (default)")
+
+
+def _add_allow_unauthenticated_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-unauthenticated", action="store_true",
+                        help="serve beyond loopback (--host 0.0.0.0, or a cluster's Serve listening there) without "
+                             "$PNEUMONIA_API_TOKEN, with a warning; refused otherwise")
 
 
 def _add_data_commands(commands) -> None:
@@ -170,9 +178,11 @@ def _add_serving_commands(commands) -> None:
     serve.add_argument("--model", required=True, help="model package (artifacts/VERSION) or model directory")
     serve.add_argument("--replicas", type=int, default=0, help="fixed replica count (default: autoscaling 1-2)")
     serve.add_argument("--address", help="Ray cluster to join: HOST:PORT of its head, or auto for the one `ray start` recorded on this machine (default: $RAY_ADDRESS, else a new local Ray of this command's own)")
-    serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1); beyond loopback it needs "
+                       "$PNEUMONIA_API_TOKEN or --allow-unauthenticated")
     serve.add_argument("--port", type=int, default=8000)
     _add_ingress_option(serve)
+    _add_allow_unauthenticated_option(serve)
     serve.set_defaults(handler=_serve)
 
     predict = commands.add_parser("predict", help="classify images with a running endpoint")
@@ -192,6 +202,7 @@ def _add_serving_commands(commands) -> None:
                      "recorded on this machine (default: $RAY_ADDRESS, else a new local Ray, serving until Ctrl-C)")
     run.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
     _add_ingress_option(run)
+    _add_allow_unauthenticated_option(run)
     run.set_defaults(handler=_run)
 
 

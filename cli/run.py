@@ -92,8 +92,11 @@ def summary_lines(best: dict, report: dict, report_dir: Path, package_dir: Path,
 
 def run_end_to_end(config_path: str | None = None, address: str | None = None, data: str | None = None,
                    overrides: list[str] | None = None, port: int = 8000, block: bool = True,
-                   log: Callable[[str], None] = print, ingress: str = "auto") -> dict:
-    """Search, evaluate once on test, export, serve, query once; blocks serving unless on a cluster."""
+                   log: Callable[[str], None] = print, ingress: str = "auto",
+                   allow_unauthenticated: bool = False) -> dict:
+    """Search, evaluate once on test, export, serve, query once; blocks serving unless on a cluster. The endpoint
+    listens on 127.0.0.1 here; on a cluster whose Serve listens beyond loopback it needs $PNEUMONIA_API_TOKEN or
+    ``allow_unauthenticated`` (``serving.app.application``)."""
     started = time.time()
     address = resolve_address(address)  # inside `ray job submit`: that cluster (RAY_ADDRESS)
     data_path = resolve_data(data, log)
@@ -106,7 +109,8 @@ def run_end_to_end(config_path: str | None = None, address: str | None = None, d
     model_dir, produced_by = resolve_experiment(str(experiment), config.ensemble, log)
     result = evaluate(model_dir, data=data_path, reports_dir=Path("reports"), artifacts_dir=Path("artifacts"), log=log,
                       produced_by=produced_by)
-    url = serve_model(str(result.package_dir), address=address, port=port, block=False, log=log)
+    url = serve_model(str(result.package_dir), address=address, port=port, block=False, log=log,
+                      allow_unauthenticated=allow_unauthenticated)
     with open(result.report_dir / "predictions.csv", newline="") as f:
         sample = next(csv.DictReader(f))["path"]
     # force: the first query shows the endpoint answering; a film the gate refuses still gets its label, marked

@@ -1,12 +1,14 @@
 """The Ray this process starts or joins, and a clean stop of what it started; shared by the search and serving.
 
-A local Ray started here (no address) belongs to this process: a stop shuts it down, then runs what was
-registered with :func:`on_stop` (serving stops the HAProxy it started for its ports). A joined cluster is left
-running: its Serve applications outlive the job. Ray itself is imported only inside these functions.
+A local Ray started here (no address) belongs to this process and listens on loopback alone
+(:func:`loopback_node`): a stop shuts it down, then runs what was registered with :func:`on_stop` (serving stops
+the HAProxy it started for its ports). A joined cluster is left running: its Serve applications outlive the
+job. Ray itself is imported only inside these functions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -78,14 +80,40 @@ def start_ray(address: str | None = None) -> bool:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}) if not address else None
         try:
             # workers log to their own files (a trial to its trial.log); the console gets this process's lines
-            ray.init(address=address or "local", include_dashboard=None if address else False,
-                     log_to_driver=False, logging_level=logging.WARNING)
+            with contextlib.nullcontext() if address else loopback_node():
+                ray.init(address=address or "local", include_dashboard=None if address else False,
+                         log_to_driver=False, logging_level=logging.WARNING)
         finally:
             if blocked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         _state["owned"], _state["joined"] = not address, joined
         install_stop_handlers()  # after ray.init, which replaced the SIGTERM handler
     return _state["owned"]
+
+
+@contextlib.contextmanager
+def loopback_node():
+    """While a local Ray of this process's own starts: its node IP is 127.0.0.1, so all its servers listen on
+    loopback. On Linux Ray gives a new local node a routable IP, and then binds its unauthenticated Prometheus
+    servers (the agent's metrics export port, the dashboard's 44227, the autoscaler's 44217) to all interfaces
+    (its gRPC and agent ports refuse a client without the token, checked); Ray 2.60 maps an explicit
+    ``_node_ip_address="127.0.0.1"`` back to that IP. Under ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, Ray's
+    setting for a machine that forms no cluster, it takes 127.0.0.1. The processes started meanwhile inherit
+    the setting; this process gets its own back after (a worker's `ray start --address` refuses to run under
+    it), and it was read when Ray was imported, so Ray's copy of it is set for the while too."""
+    from ray._private import ray_constants
+
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved_env
 
 
 def joined_cluster() -> str | None:

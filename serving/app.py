@@ -11,7 +11,9 @@ the deployment's ``user_config`` (``reconfigure``).
 """
 
 import functools
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +93,36 @@ class Classifier:
 
 
 def build_app(args: "dict | ServeSettings") -> serve.Application:
-    """Builder for ``serve run`` / ``serve deploy``: ``args`` are :class:`ServeSettings` (package required)."""
-    settings = ServeSettings.parse(args)
+    """Builder for ``serve run`` / ``serve deploy``: ``args`` are :class:`ServeSettings` (package required).
+
+    Refused (``ServeSettingsError``) when Serve's HTTP host is beyond loopback and there is no token, unless
+    ``allow_unauthenticated`` (:meth:`ServeSettings.check_exposure`; the host: :func:`serve_http_host`)."""
+    return application(ServeSettings.parse(args), logging.getLogger(__name__).warning)
+
+
+def application(settings: ServeSettings, warn: "Callable[[str], object]") -> serve.Application:
+    """The classifier for ``settings``, once its exposure is checked against Serve's HTTP host; ``warn``
+    gets the warning of an endpoint allowed to go without a token beyond loopback."""
+    warning = settings.check_exposure(serve_http_host())
+    if warning:
+        warn(warning)
     return Classifier.options(**settings.deployment_options()).bind(settings)
+
+
+def serve_http_host() -> "str | None":
+    """The host Serve's HTTP ingress listens on, as the app is built: the running Serve controller's
+    ``http_options`` (Ray 2.60). ``serve deploy CONFIG`` and ``serve run CONFIG`` build the app in a task on the
+    cluster after Serve has started with the config's ``http_options`` (whose host defaults to 0.0.0.0; a
+    Serve already running keeps its own), and ``pneumonia serve`` builds it after ``serve.start``. Only
+    ``serve run serving.app:build_app ...`` builds before connecting to Ray: then the host Serve starts with,
+    ``HTTPOptions()``'s default (127.0.0.1; all interfaces in HAProxy mode)."""
+    import ray
+    from ray.serve.config import HTTPOptions
+
+    if ray.is_initialized():
+        from ray.serve.context import _get_global_client  # the controller's handle, by its actor name
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is not None:
+            return client.http_config.host
+    return HTTPOptions().host

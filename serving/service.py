@@ -157,7 +157,7 @@ class ClassifierService:
             raise RuntimeError("no model loaded")
 
     def info(self) -> dict[str, Any]:
-        return self.loaded.info
+        return {**self.loaded.info, "security": self.settings.security()}
 
     def predict_batch(self, images: list[np.ndarray]) -> list[Scored]:
         """One model call for a batch of preprocessed images: (probability, OOD score, batch size) for each."""

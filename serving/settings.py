@@ -2,11 +2,13 @@
 
 ``serve run serving.app:build_app package=...``, ``serve deploy serving/config.yaml`` (its ``args``) and
 ``pneumonia serve`` all build a :class:`ServeSettings`; a wrong key or type is refused, with the key named,
-when the application is built, before any replica starts.
+when the application is built, before any replica starts. So is an endpoint that would listen beyond loopback
+without a token, unless ``allow_unauthenticated`` says so (:meth:`ServeSettings.check_exposure`).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Any
 
@@ -33,7 +35,9 @@ class ServeSettings(BaseModel):
     num_cpus: float = Field(1.0, gt=0, description="per replica; its TensorFlow threads follow")
     max_body_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_pixels: int = Field(40_000_000, gt=0, description="above this a small file is a decompression bomb")
-    auth_token: str = Field("", description=f"bearer token for /predict; empty = ${TOKEN_ENV}, or no auth")
+    auth_token: str = Field("", repr=False, description=f"bearer token for /predict; empty = ${TOKEN_ENV}, or no auth")
+    allow_unauthenticated: bool = Field(False, description="listen beyond loopback without a token (warned, also "
+                                                           "in /metadata); refused otherwise")
 
     @classmethod
     def parse(cls, args: dict[str, Any] | ServeSettings) -> ServeSettings:
@@ -50,6 +54,31 @@ class ServeSettings(BaseModel):
     def token(self) -> str:
         return self.auth_token or os.environ.get(TOKEN_ENV, "")
 
+    def check_exposure(self, host: str | None) -> str | None:
+        """For an endpoint listening on ``host``: a :class:`ServeSettingsError` when that is beyond loopback
+        with no token and no ``allow_unauthenticated``; the warning to show when it is allowed; else None."""
+        if is_loopback(host) or self.token():
+            return None
+        if not self.allow_unauthenticated:
+            raise ServeSettingsError(
+                f"the endpoint would listen on {host}, beyond this machine, with no token: anyone who reaches it "
+                f"could use /predict. Set one (export {TOKEN_ENV}=$(openssl rand -hex 32), or args.auth_token in a "
+                f"Serve config; clients send Authorization: Bearer TOKEN), or listen on 127.0.0.1, or say so: "
+                f"--allow-unauthenticated (args.allow_unauthenticated: true)")
+        return (f"warning: the endpoint listens on {host} with no token (--allow-unauthenticated): anyone who "
+                f"reaches it can use /predict; set ${TOKEN_ENV} to require one")
+
+    def security(self) -> dict[str, Any]:
+        """What ``/metadata`` says about access: whether /predict needs a token, and a warning when it was
+        allowed to go without one."""
+        if self.token():
+            return {"authentication": True}
+        if self.allow_unauthenticated:
+            return {"authentication": False,
+                    "warning": "no bearer token and allow_unauthenticated: anyone who reaches this endpoint can use "
+                               "/predict"}
+        return {"authentication": False}
+
     def deployment_options(self) -> dict[str, Any]:
         """Serve options of the classifier deployment: replicas or autoscaling, CPUs, the package to load."""
         options: dict[str, Any] = {"user_config": {"package": self.package},
@@ -59,3 +88,15 @@ class ServeSettings(BaseModel):
         else:
             options["autoscaling_config"] = {**AUTOSCALING, **self.autoscaling}
         return options
+
+
+def is_loopback(host: str | None) -> bool:
+    """Whether ``host`` reaches only this machine: 127.0.0.0/8 (also as ::ffff:127.x), ::1, ``localhost``; None
+    is Serve's HTTP off. 0.0.0.0, ::, an interface's address or another name may be reached from elsewhere."""
+    if host is None or host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)

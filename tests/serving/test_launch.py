@@ -1,19 +1,26 @@
-"""Choosing Serve's HTTP ingress before a local Ray starts."""
+"""Choosing Serve's HTTP ingress before a local Ray starts, HAProxy's stats and metrics on loopback, and the
+refusal of an endpoint beyond loopback without a token."""
 
 import os
+import re
+import signal
+import subprocess
 
 import pytest
 
 import serving.ingress
 from cli.main import main
 from models.config import ConfigError
+from serving.haproxy_loopback import REAL_BINARY_ENV, loopback_config, write_wrapper
 from serving.ingress import HAPROXY_ENV, HAPROXY_PATHS, HAPROXY_PORTS, set_ingress_environment
+from serving.settings import TOKEN_ENV, ServeSettings, ServeSettingsError
 
 
 @pytest.fixture
-def clean_env(monkeypatch):
-    """No RAY_SERVE_* settings, restored after the test."""
-    for key in [*HAPROXY_ENV, *HAPROXY_PORTS, *HAPROXY_PATHS, "RAY_SERVE_HAPROXY_BINARY_PATH"]:
+def clean_env(monkeypatch, tmp_path):
+    """No RAY_SERVE_* settings, restored after the test; HAProxy's directories under tmp_path."""
+    monkeypatch.setattr(serving.ingress, "HAPROXY_ROOT", str(tmp_path / "pneumonia-haproxy"))
+    for key in [*HAPROXY_ENV, *HAPROXY_PORTS, *HAPROXY_PATHS, "RAY_SERVE_HAPROXY_BINARY_PATH", REAL_BINARY_ENV]:
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
 
@@ -28,12 +35,16 @@ def test_auto_picks_haproxy_only_when_there_is_a_binary(clean_env, tmp_path):
     assert set_ingress_environment("auto") == "python"
     assert not any(key in os.environ for key in HAPROXY_ENV)
     clean_env.setattr(serving.ingress, "haproxy_binary", lambda: str(tmp_path / "haproxy"))
-    assert set_ingress_environment("auto") == "haproxy"
+    assert set_ingress_environment("auto", 8000) == "haproxy"
     assert all(os.environ[key] == "1" for key in HAPROXY_ENV)
+    # Ray runs the loopback wrapper in the port's own directory; it execs the binary found before
+    assert os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] == f"{tmp_path}/pneumonia-haproxy/8000/haproxy-loopback"
+    assert os.access(os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
+    assert os.environ[REAL_BINARY_ENV] == str(tmp_path / "haproxy")
     stats, metrics = (int(os.environ[key]) for key in HAPROXY_PORTS)  # free ports, not Ray's fixed defaults
     assert stats != metrics and 8404 not in (stats, metrics)
     assert set_ingress_environment("python") == "python"  # and back: the settings are removed
-    assert not any(key in os.environ for key in HAPROXY_ENV)
+    assert not any(key in os.environ for key in [*HAPROXY_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH"])
 
 
 def test_asking_for_haproxy_without_a_binary_says_how_to_get_one(clean_env, capsys):
@@ -45,3 +56,95 @@ def test_asking_for_haproxy_without_a_binary_says_how_to_get_one(clean_env, caps
     with pytest.raises(SystemExit):
         main(["serve", "--model", "x", "--ingress", "nginx"])
     assert "invalid choice: 'nginx'" in capsys.readouterr().err
+
+
+def test_the_haproxy_behind_the_wrapper_is_the_real_one(clean_env, tmp_path):
+    real = serving.ingress.haproxy_binary()
+    set_ingress_environment("haproxy", 8000)
+    assert serving.ingress.haproxy_binary() == real == os.environ[REAL_BINARY_ENV]  # never the wrapper itself
+    set_ingress_environment("haproxy", 8000)  # a second call (pneumonia run, then its serve) keeps it
+    assert os.environ[REAL_BINARY_ENV] == real
+
+
+def _rays_template_sections() -> str:
+    """Ray's HAProxy template with its ports filled in (the lines this project rewrites are literal there)."""
+    from ray.serve._private.haproxy_templates import HAPROXY_CONFIG_TEMPLATE
+
+    return (HAPROXY_CONFIG_TEMPLATE.replace("{{ config.stats_port }}", "8404")
+            .replace("{{ config.metrics_port }}", "9101"))
+
+
+def test_the_stats_and_metrics_binds_of_rays_template_go_to_loopback_and_nothing_else_changes():
+    template = _rays_template_sections()
+    assert "bind *:8404" in template and "bind :9101" in template  # Ray 2.60: all interfaces
+    rewritten = loopback_config(template)
+    changed = [(a, b) for a, b in zip(template.splitlines(), rewritten.splitlines()) if a != b]
+    assert changed == [("    bind :9101", "    bind 127.0.0.1:9101"), ("  bind *:8404", "  bind 127.0.0.1:8404")]
+    assert loopback_config(rewritten) == rewritten  # a reload rewrites an already rewritten file the same way
+
+
+def test_the_wrapper_rewrites_the_config_in_place_then_runs_haproxy_and_refuses_a_config_it_cannot_fix(tmp_path):
+    config = tmp_path / "node" / "haproxy.cfg"
+    config.parent.mkdir()
+    config.write_text("global\n    maxconn 10\nfrontend prometheus\n    bind :9101\n    mode http\n"
+                      "frontend http_frontend\n    bind 0.0.0.0:8000\nlisten stats\n  bind *:8404\n  stats enable\n")
+    wrapper = write_wrapper(tmp_path)
+    env = {**os.environ, REAL_BINARY_ENV: "/bin/echo"}  # stands in for HAProxy: prints the arguments it got
+    ran = subprocess.run([wrapper, "-db", "-f", str(config), "-sf", "123"], env=env, capture_output=True, text=True,
+                         check=False, timeout=60)
+    assert ran.returncode == 0 and ran.stdout.strip() == f"-db -f {config} -sf 123", ran.stderr  # Ray's arguments
+    text = config.read_text()
+    assert "bind 127.0.0.1:9101" in text and "bind 127.0.0.1:8404" in text
+    assert "bind 0.0.0.0:8000" in text  # the endpoint's own host is Serve's http_options, not ours to change
+    config.write_text("global\nlisten stats\n  stats enable\n")  # no bind line to fix: HAProxy is not started
+    refused = subprocess.run([wrapper, "-db", "-f", str(config)], env=env, capture_output=True, text=True, timeout=60,
+                             check=False)
+    assert refused.returncode == 1 and not refused.stdout
+    assert "not starting HAProxy with its stats page on all interfaces" in refused.stderr
+
+
+@pytest.fixture
+def signal_handlers():
+    """main() installs its stop handlers (models.runtime): the test process gets its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_serve_beyond_loopback_without_a_token_exits_2_before_ray_starts(monkeypatch, capsys, signal_handlers):
+    import ray
+
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert main(["serve", "--model", "no-such-package", "--host", "0.0.0.0", "--port", "8093"]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: the endpoint would listen on 0.0.0.0, beyond this machine, with no token")
+    assert err.count("\n") == 1 and f"export {TOKEN_ENV}=" in err and "--allow-unauthenticated" in err
+    assert not out and not ray.is_initialized()  # refused before the ingress, the port or Ray
+    # with the flag it goes on (here to the missing package: no Ray either)
+    assert main(["serve", "--model", "no-such-package", "--host", "0.0.0.0", "--allow-unauthenticated"]) == 2
+    assert "no-such-package" in capsys.readouterr().err
+
+
+def test_the_app_is_checked_against_the_host_serve_listens_on_and_warns_when_allowed(monkeypatch):
+    import ray
+    import ray.serve.context
+
+    import serving.app
+
+    class Client:  # what the running Serve controller says: a Serve config's default host
+        class http_config:
+            host = "0.0.0.0"
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray.serve.context, "_get_global_client", lambda **_: Client())
+    assert serving.app.serve_http_host() == "0.0.0.0"
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(ServeSettingsError, match="listen on 0.0.0.0"):
+        serving.app.build_app({"package": "p"})
+    warnings = []
+    serving.app.application(ServeSettings(package="p", allow_unauthenticated=True), warnings.append)
+    assert len(warnings) == 1 and re.match(r"warning: the endpoint listens on 0\.0\.0\.0 with no token", warnings[0])
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    serving.app.application(ServeSettings(package="p"), warnings.append)
+    assert len(warnings) == 1

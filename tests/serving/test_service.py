@@ -3,6 +3,7 @@ injected stand-in model (milliseconds per test). What only Serve shows is in tes
 
 import asyncio
 import io
+import re
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from starlette.requests import Request
 from models.ood import OodScorer
 from models.package import PackageMetadata
 from serving.service import ClassifierService, authorize, read_image
-from serving.settings import ServeSettings
+from serving.settings import TOKEN_ENV, ServeSettings, ServeSettingsError
 
 SIZE = 16
 
@@ -131,6 +132,36 @@ def test_latin1_bytes_in_the_authorization_header_are_a_401_not_a_500():
         _predict(service, _png(100), {"content-type": "image/png", "authorization": b"Bearer t\xe9st"})
     assert raised.value.status_code == 401
     assert _predict(service, _png(100), {"content-type": "image/png", "authorization": "Bearer s3cret"})
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "[::]", "example.org"])
+def test_beyond_loopback_without_a_token_is_refused_unless_allowed(host, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(ServeSettingsError, match=rf"listen on {re.escape(host)}, beyond this machine, with no token.*"
+                                                 rf"export {TOKEN_ENV}=.*--allow-unauthenticated") as refused:
+        ServeSettings(package="p").check_exposure(host)
+    assert "\n" not in str(refused.value)  # one line: `error: ...`
+    warning = ServeSettings(package="p", allow_unauthenticated=True).check_exposure(host)
+    assert warning.startswith(f"warning: the endpoint listens on {host} with no token (--allow-unauthenticated)")
+    assert ServeSettings(package="p", auth_token="s3cret").check_exposure(host) is None
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    assert ServeSettings(package="p").check_exposure(host) is None
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.1.1", "localhost", "::1", "::ffff:127.0.0.1", None])
+def test_loopback_needs_no_token(host, monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert ServeSettings(package="p").check_exposure(host) is None
+
+
+def test_metadata_says_whether_predict_needs_a_token_and_warns_when_allowed_without(monkeypatch):
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    assert _service(auth_token="s3cret").info()["security"] == {"authentication": True}
+    assert _service().info()["security"] == {"authentication": False}
+    security = _service(allow_unauthenticated=True).info()["security"]
+    assert security["authentication"] is False and "anyone who reaches this endpoint" in security["warning"]
+    assert _service().info()["model_version"] == "v-p1"  # the package's fields stay
+    assert "s3cret" not in repr(ServeSettings(package="p", auth_token="s3cret"))
 
 
 def _read(body: bytes, headers: dict, limit: int = 10_000):

@@ -18,6 +18,7 @@ import pytest
 
 from cli.main import main
 from serving.ingress import free_port, our_haproxy
+from serving.settings import is_loopback
 from tests.services import BIN, LocalRayCluster, group_alive, stop_group
 
 pytestmark = pytest.mark.slow
@@ -74,6 +75,71 @@ def recorded_head(tmp_path):
         head.stop()
 
 
+def _listening(pid: int, session: Path, port: int) -> list[tuple[str, int, str]]:
+    """(address, port, process) of every TCP socket a serving run listens on: the `pneumonia` process and its
+    children, its Ray's processes (named by its session dir) and theirs (workers, agents), its HAProxy."""
+    import psutil
+
+    processes = {}
+    for root in [pid, *_ray_processes(session), *(p.pid for p in our_haproxy(port))]:
+        try:
+            root = psutil.Process(root)
+            processes.update({p.pid: p for p in [root, *root.children(recursive=True)]})
+        except psutil.NoSuchProcess:  # a worker that came and went
+            continue
+    found = []
+    for process in processes.values():
+        try:
+            name, sockets = process.name(), process.net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        found += [(s.laddr.ip, s.laddr.port, f"{name} ({process.pid})") for s in sockets
+                  if s.status == psutil.CONN_LISTEN]
+    return sorted(found, key=lambda s: (s[2], s[1]))
+
+
+# one method of each kind of Ray server (GCS, raylet, object manager, core worker, agent, Serve replica)
+RAY_METHODS = ("/ray.rpc.NodeInfoGcsService/CheckAlive", "/ray.rpc.NodeManagerService/GetSystemConfig",
+               "/ray.rpc.ObjectManagerService/Pull", "/ray.rpc.CoreWorkerService/NumPendingTasks",
+               "/ray.rpc.ReporterService/HealthCheck", "/ray.serve.ASGIService/HandleRequest")
+
+
+def _refuses_without_token(address: str, port: int) -> bool:
+    """Whether what listens there is a gRPC server under Ray's token auth: called without the token, one of
+    Ray's methods answers UNAUTHENTICATED (those it does not serve: UNIMPLEMENTED; an HTTP server: neither)."""
+    import grpc
+
+    host = "127.0.0.1" if address in ("0.0.0.0", "::") else f"[{address}]" if ":" in address else address
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        for method in RAY_METHODS:
+            try:
+                channel.unary_unary(method)(b"", timeout=10)
+                return False  # answered without a token
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    return True
+                if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    return False
+    return False
+
+
+def _check_listening(pid: int, session: Path, port: int) -> None:
+    """Nothing of the run listens beyond 127.0.0.1 (the host asked for) but Ray's token-protected gRPC servers:
+    Ray 2.60 binds a Serve replica's inter-deployment gRPC server to [::]. HAProxy's stats page and Prometheus
+    exporter are on loopback (serving/haproxy_loopback.py), as are the local Ray's Prometheus servers and agents
+    (models.local_ray.loopback_node)."""
+    sockets = _listening(pid, session, port)
+    print("\n".join(f"listening {address}:{number}  {process}" for address, number, process in sockets))
+    assert ("127.0.0.1", port) in {(address, number) for address, number, _ in sockets}  # the endpoint
+    haproxy = [s for s in sockets if s[2].startswith("haproxy")]  # (a reload's old process may still hold them)
+    assert len({number for _, number, _ in haproxy}) == 3, haproxy  # the endpoint, stats, metrics
+    assert all(address == "127.0.0.1" for address, _, _ in haproxy), haproxy
+    beyond = [s for s in sockets if not is_loopback(s[0])]
+    unprotected = [s for s in beyond if not _refuses_without_token(s[0], s[1])]
+    assert not unprotected, f"listening beyond 127.0.0.1 without Ray's token auth: {unprotected}"
+    assert all(process.startswith("ray::ServeReplica") for _, _, process in beyond), beyond
+
+
 def _serve_actors(cluster: LocalRayCluster) -> list[str]:
     return [a["class_name"] for a in cluster.actors() if "Serve" in a["class_name"] or "Classifier" in a["class_name"]]
 
@@ -113,8 +179,9 @@ def _stopped_cleanly(process: subprocess.Popen, temp: Path, port: int, log: Path
 
 def test_sigterm_stops_a_serving_pneumonia_serve_and_leaves_nothing(package, recorded_head, tmp_path):
     """With a live head recorded on the machine (whose token it holds, so joining would work), `pneumonia serve`
-    without --address starts a Ray of its own, deploys nothing into the head's cluster, and its stop leaves that
-    cluster running. Once the head is killed, --address auto (its record) and --address at it fail in seconds."""
+    without --address starts a Ray of its own, deploys nothing into the head's cluster, listens nowhere beyond
+    127.0.0.1 but on Ray's token-protected ports, and its stop leaves that cluster running. Once the head is
+    killed, --address auto (its record) and --address at it fail in seconds."""
     head, root = recorded_head
     token = {key: head.env[key] for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
     head_session = (root / "ray" / "session_latest").resolve()
@@ -125,6 +192,7 @@ def test_sigterm_stops_a_serving_pneumonia_serve_and_leaves_nothing(package, rec
         _wait(lambda: _healthy(port) and "serving until Ctrl-C" in log.read_text(), "endpoint", process, log)
         session = (root / "ray" / "session_latest").resolve()  # this run's Ray, beside the head's session
         assert session != head_session and _ray_processes(session) and our_haproxy(port)
+        _check_listening(process.pid, session, port)
         assert not _serve_actors(head), "the application was deployed into the recorded cluster"
         assert process.returncode is None
         _stopped_cleanly(process, session, port, log)

@@ -25,14 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 def size_rates(sizes: list[int], steps: int, batch_size: int) -> dict[int, float]:
     import dataclasses
 
-    from models.precision import images_per_sec
+    from models.precision import compare_precisions
     from models.config import TrainConfig, load_config
     from models.runtime import configure_tensorflow
 
     configure_tensorflow(0, "float32")
     base = load_config(TrainConfig, REPO / "tuning" / "configs" / "train-cnn.yaml").model
-    return {size: images_per_sec(dataclasses.replace(base, image_size=size), "float32", batch_size, steps)
-            for size in sizes}
+    sized = {size: dataclasses.replace(base, image_size=size) for size in sizes}
+    return {size: compare_precisions(model, ("float32",), batch_size, steps)["float32"] for size, model in sized.items()}
 
 
 def trial_costs(experiment: Path) -> list[dict]:

@@ -1,8 +1,8 @@
 """Training throughput, measured side by side in one process (ratios, not absolute timings, are the result).
 
 1. Model: training images/s of each family at the sizes the configs use, float32 vs mixed bfloat16
-   (``models.precision.images_per_sec``: train_on_batch on in-memory batches, what ``mixed_precision: auto``
-   measures), and what auto picks for each on this machine.
+   (``models.precision.compare_precisions``: train_on_batch on in-memory batches, rounds in turn, what
+   ``mixed_precision: auto`` measures), and what auto picks for each on this machine.
 2. Input pipeline: images/s of the training tf.data pipeline (cold: decode + preprocess; warm: cached,
    shuffled, augmented) against the model's images/s, to show the pipeline is not the bottleneck.
 
@@ -39,7 +39,7 @@ def main() -> None:
 
     from models.config import ModelConfig, TrainConfig, load_config
     from models.dataset import load_splits
-    from models.precision import images_per_sec
+    from models.precision import compare_precisions
     from models.runtime import available_cpus, configure_tensorflow
 
     runtime = configure_tensorflow(0, "float32")
@@ -56,7 +56,7 @@ def main() -> None:
         "model": {},
     }
     for name, config in families.items():
-        rates = {p: images_per_sec(config, p, args.batch_size, args.steps) for p in ("float32", "bfloat16")}
+        rates = compare_precisions(config, batch_size=args.batch_size, steps=args.steps)
         rates["bfloat16_over_float32"] = rates["bfloat16"] / rates["float32"]
         rates["auto_picks"] = "bfloat16" if rates["bfloat16"] > rates["float32"] else "float32"
         results["model"][f"{name}-{config.image_size}"] = rates

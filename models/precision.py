@@ -3,7 +3,7 @@
 A CPU's bfloat16 flags do not say which precision is faster: on AVX512-BF16 without AMX, oneDNN has fast
 bfloat16 dense convolutions but no fast bfloat16 depthwise ones, so the CNN trains 1.37x faster in bfloat16 and
 EfficientNet-Lite 0.65x as fast (BENCHMARKS.md). So on such a CPU ``auto`` times a few training steps of the
-configured model in both precisions, once, and caches the answer per (family, image size, trainable part,
+configured model in both precisions, in turn, once, and caches the answer per (family, image size, trainable part,
 separable convolutions, CPU model, TensorFlow version) in ``<cache>/precision/``. A GPU gets mixed float16 and
 a CPU without bfloat16 instructions float32, unmeasured.
 """
@@ -28,7 +28,7 @@ from models.paths import default_cache_dir
 PRECISIONS = ("float32", "bfloat16", "float16")
 MEASURE_BATCH = 16
 MEASURE_STEPS = 3
-Measurer = Callable[[ModelConfig, str], float]  # (model, precision) -> training images/s
+Measurer = Callable[[ModelConfig], dict[str, float]]  # model -> training images/s per precision
 
 
 @lru_cache(maxsize=1)
@@ -55,29 +55,38 @@ def cpu_supports_bfloat16() -> bool:
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
-def images_per_sec(model: ModelConfig, precision: str, batch_size: int = MEASURE_BATCH, steps: int = MEASURE_STEPS,
-                   warmup: int = 2) -> float:
-    """Training images/s of ``model`` under ``precision``: ``train_on_batch`` on random in-memory batches (so
-    the input pipeline is not timed), after ``warmup`` steps that trace the step function. Leaves Keras'
-    global dtype policy as it found it."""
+def compare_precisions(model: ModelConfig, precisions: tuple[str, ...] = ("float32", "bfloat16"),
+                       batch_size: int = MEASURE_BATCH, steps: int = MEASURE_STEPS, rounds: int = 3,
+                       warmup: int = 2) -> dict[str, float]:
+    """Training images/s of ``model`` under each precision: one network per precision, ``train_on_batch`` on
+    random in-memory batches (the input pipeline is not timed), ``warmup`` steps to trace, then ``rounds`` of
+    ``steps`` timed steps taken in turn, the best round of each kept, so load that comes and goes on a shared
+    machine (trials measuring at once) falls on both alike. Leaves Keras' global dtype policy as it was."""
     import keras
 
     before = keras.mixed_precision.global_policy().name
-    keras.mixed_precision.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
+    rng = np.random.default_rng(0)
+    x = rng.random((batch_size, model.image_size, model.image_size, 1), dtype=np.float32)
+    y = (np.arange(batch_size) % 2).astype(np.float32)
+    networks = {}
     try:
-        network = build_model(model)
-        network.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="binary_crossentropy", jit_compile=False)
-        rng = np.random.default_rng(0)
-        x = rng.random((batch_size, model.image_size, model.image_size, 1), dtype=np.float32)
-        y = (np.arange(batch_size) % 2).astype(np.float32)
-        for _ in range(warmup):
-            network.train_on_batch(x, y)
-        start = time.perf_counter()
-        for _ in range(steps):
-            network.train_on_batch(x, y)
-        return steps * batch_size / (time.perf_counter() - start)
+        for precision in precisions:
+            keras.mixed_precision.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
+            network = build_model(model)
+            network.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="binary_crossentropy", jit_compile=False)
+            for _ in range(warmup):
+                network.train_on_batch(x, y)
+            networks[precision] = network
     finally:
         keras.mixed_precision.set_dtype_policy(before)
+    rates = dict.fromkeys(precisions, 0.0)
+    for _ in range(rounds):
+        for precision, network in networks.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                network.train_on_batch(x, y)
+            rates[precision] = max(rates[precision], steps * batch_size / (time.perf_counter() - start))
+    return rates
 
 
 def measurement_key(model: ModelConfig) -> dict:
@@ -109,7 +118,7 @@ def choose_precision(model: ModelConfig | None, measure: Measurer | None = None,
         known = json.loads(path.read_text())
         cached = True
     except (OSError, ValueError):
-        rates = {p: (measure or images_per_sec)(model, p) for p in ("float32", "bfloat16")}
+        rates = (measure or compare_precisions)(model)
         known = {**key, "images_per_sec": rates, "precision": max(rates, key=rates.get),
                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import pytest
 
 import models.precision
 from models.config import ModelConfig
-from models.precision import choose_precision, images_per_sec
+from models.precision import choose_precision, compare_precisions
 from models.runtime import configure_tensorflow
 
 LITE = ModelConfig(family="efficientnet_lite0", image_size=224, trainable_blocks=-1)
@@ -21,9 +21,9 @@ def bf16_cpu(monkeypatch):
 
 
 def _measurer(rates: dict, calls: list):
-    def measure(model, precision):
-        calls.append((model.family, model.image_size, precision))
-        return rates[model.family][precision]
+    def measure(model):
+        calls.extend((model.family, model.image_size, precision) for precision in rates[model.family])
+        return rates[model.family]
     return measure
 
 
@@ -52,14 +52,13 @@ def test_a_measurement_is_cached_per_model_and_machine(bf16_cpu, tmp_path):
 
 def test_without_bfloat16_instructions_auto_is_float32_unmeasured(monkeypatch, tmp_path):
     monkeypatch.setattr(models.precision, "cpu_supports_bfloat16", lambda: False)
-    precision, why = choose_precision(LITE, lambda model, p: pytest.fail("measured"), tmp_path)
+    precision, why = choose_precision(LITE, lambda model: pytest.fail("measured"), tmp_path)
     assert precision == "float32" and "without bfloat16" in why
 
 
 def test_configure_tensorflow_sets_the_chosen_policy_and_says_why(bf16_cpu, monkeypatch, tmp_path):
     monkeypatch.setenv("PNEUMONIA_CACHE", str(tmp_path))
-    monkeypatch.setattr(models.precision, "images_per_sec",
-                        lambda model, p: {"float32": 2.0, "bfloat16": 1.0}[p])
+    monkeypatch.setattr(models.precision, "compare_precisions", lambda model: {"float32": 2.0, "bfloat16": 1.0})
     runtime = configure_tensorflow(1, "auto", LITE)
     assert runtime["precision"] == "float32" and runtime["precision_reason"].startswith("auto: float32")
     assert keras.mixed_precision.global_policy().name == "float32"
@@ -69,6 +68,6 @@ def test_configure_tensorflow_sets_the_chosen_policy_and_says_why(bf16_cpu, monk
 
 def test_a_real_measurement_of_a_tiny_cnn_leaves_the_policy_as_it_was():
     tiny = ModelConfig(family="cnn", image_size=16, depth=2, base_filters=4, dense_units=8)
-    rates = {p: images_per_sec(tiny, p, batch_size=8, steps=2, warmup=1) for p in ("float32", "bfloat16")}
-    assert all(rate > 0 for rate in rates.values())
+    rates = compare_precisions(tiny, batch_size=8, steps=2, rounds=2, warmup=1)
+    assert set(rates) == {"float32", "bfloat16"} and all(rate > 0 for rate in rates.values())
     assert keras.mixed_precision.global_policy().name == "float32"

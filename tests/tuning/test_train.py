@@ -34,7 +34,8 @@ def test_train_cli_writes_a_model_directory(mendeley_dir, tmp_path, capsys):
     assert metadata["best_epoch"] in (1, 2)
     assert len(metadata["data"]["fingerprint"]) == 16
     assert {"tensorflow", "keras", "numpy"} <= set(metadata["versions"])
-    assert metadata["runtime"] == {"threads": metadata["runtime"]["threads"], "precision": "float32"}
+    assert metadata["runtime"] == {"threads": metadata["runtime"]["threads"], "precision": "float32",
+                                   "precision_reason": "as configured"}
 
     # the saved model is the best epoch's and predicts like a fresh load of the validation images
     model, _ = load_model_dir(out)

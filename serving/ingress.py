@@ -28,6 +28,13 @@ HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED
 HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")  # Ray's defaults: 8404, 9101
 HAPROXY_PATHS = ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH")
 HAPROXY_ROOT = "/tmp/pneumonia-haproxy"
+# Serve's controller gives a new proxy actor 5 s to answer its readiness check, counted from the actor's
+# creation, and kills it after three misses. With both cores of a 2-core machine busy (a training run, a test
+# suite), starting the proxy's worker process alone took longer: measured here beside two busy loops, the
+# readiness check missed three times and the proxy was killed before it ever served (issue 23). A proxy that is
+# truly broken is still caught, only later; a setting already in the environment wins.
+PROXY_PATIENCE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30",
+                      "RAY_SERVE_HAPROXY_STARTUP_TIMEOUT_S": "120"}
 
 
 class PortTaken(ConfigError):
@@ -85,8 +92,11 @@ def set_ingress_environment(mode: str = "auto", port: int = 8000) -> str:
     """Resolve ``mode`` and set the environment a Ray this process is about to start reads (Ray's processes
     read it at start): HAProxy's switches, its config and socket under /tmp/pneumonia-haproxy/PORT/, free
     stats and metrics ports unless set, so two servers on one host do not collide, and as its binary the
-    wrapper that puts those two on 127.0.0.1 (``serving.haproxy_loopback``). Returns the ingress."""
+    wrapper that puts those two on 127.0.0.1 (``serving.haproxy_loopback``); for either ingress, proxy
+    timeouts a busy machine meets (``PROXY_PATIENCE_ENV``). Returns the ingress."""
     mode = resolve_ingress(mode)
+    for key, value in PROXY_PATIENCE_ENV.items():
+        os.environ.setdefault(key, value)
     if mode == "haproxy":
         real = haproxy_binary()  # before the wrapper takes its place
         os.environ.update(HAPROXY_ENV)

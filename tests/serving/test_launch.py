@@ -12,7 +12,7 @@ import serving.ingress
 from cli.main import main
 from models.config import ConfigError
 from serving.haproxy_loopback import REAL_BINARY_ENV, loopback_config, write_wrapper
-from serving.ingress import HAPROXY_ENV, HAPROXY_PATHS, HAPROXY_PORTS, set_ingress_environment
+from serving.ingress import HAPROXY_ENV, HAPROXY_PATHS, HAPROXY_PORTS, PROXY_PATIENCE_ENV, set_ingress_environment
 from serving.settings import TOKEN_ENV, ServeSettings, ServeSettingsError
 
 
@@ -20,7 +20,8 @@ from serving.settings import TOKEN_ENV, ServeSettings, ServeSettingsError
 def clean_env(monkeypatch, tmp_path):
     """No RAY_SERVE_* settings, restored after the test; HAProxy's directories under tmp_path."""
     monkeypatch.setattr(serving.ingress, "HAPROXY_ROOT", str(tmp_path / "pneumonia-haproxy"))
-    for key in [*HAPROXY_ENV, *HAPROXY_PORTS, *HAPROXY_PATHS, "RAY_SERVE_HAPROXY_BINARY_PATH", REAL_BINARY_ENV]:
+    for key in [*HAPROXY_ENV, *HAPROXY_PORTS, *HAPROXY_PATHS, *PROXY_PATIENCE_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH",
+                REAL_BINARY_ENV]:
         monkeypatch.delenv(key, raising=False)
     return monkeypatch
 
@@ -45,6 +46,15 @@ def test_auto_picks_haproxy_only_when_there_is_a_binary(clean_env, tmp_path):
     assert stats != metrics and 8404 not in (stats, metrics)
     assert set_ingress_environment("python") == "python"  # and back: the settings are removed
     assert not any(key in os.environ for key in [*HAPROXY_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH"])
+
+
+@pytest.mark.parametrize("ingress", ["python", "haproxy"])
+def test_either_ingress_gives_the_proxy_time_to_start_on_a_busy_machine_unless_the_operator_set_it(clean_env, ingress):
+    clean_env.setenv("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "7")
+    set_ingress_environment(ingress, 8000)
+    # Serve's own default is 5 s from the actor's creation: too short beside a busy training run (issue 23)
+    assert float(os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]) >= 60
+    assert os.environ["RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"] == "7"
 
 
 def test_asking_for_haproxy_without_a_binary_says_how_to_get_one(clean_env, capsys):

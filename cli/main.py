@@ -13,6 +13,7 @@ import sys
 
 from cli.run import run_end_to_end
 from evaluation.evaluate import EvaluationOptions, evaluate
+from evaluation.refit import add_film_checks
 from models.config import ConfigError, DataConfig, TrainConfig, load_config
 from models.dataset import VALIDATION_SCHEMES, load_splits, summarize
 from models.download import download_medmnist, unpack_zip
@@ -79,8 +80,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         model_dir, produced_by = args.model, None
     options = EvaluationOptions(args.target_sensitivity, args.threshold_rule, not args.no_calibration, args.ood_method,
-                                args.ood_quantile)
+                                args.ood_quantile, not args.no_film_checks)
     evaluate(model_dir, args.data, args.reports, args.artifacts, args.name, options=options, produced_by=produced_by)
+    return 0
+
+
+def _add_film_checks(args: argparse.Namespace) -> int:
+    add_film_checks(args.package, args.data, args.artifacts)
     return 0
 
 
@@ -163,6 +169,9 @@ def _add_model_commands(commands) -> None:
                           help="the out-of-distribution gate's score (default mahalanobis; none = no gate)")
     evaluate.add_argument("--ood-quantile", type=float, default=0.995,
                           help="the gate refuses scores above this quantile of the validation films' (default 0.995)")
+    evaluate.add_argument("--no-film-checks", action="store_true",
+                          help="no checks before the model (default: refuse images too small, of a strip's shape, "
+                               "blank or inverted; fitted on training films)")
     evaluate.add_argument("--reports", default="reports", help="reports go to REPORTS/NAME/ (default: reports)")
     evaluate.add_argument("--artifacts", default="artifacts", help="packages go to ARTIFACTS/VERSION/ (default: artifacts)")
     evaluate.add_argument("--ensemble", type=int, default=1, metavar="N",
@@ -170,6 +179,14 @@ def _add_model_commands(commands) -> None:
     evaluate.add_argument("--name", help="report name (default: <family>-<trial>, ensembleN-<best trial>, "
                           "or the training config's name)")
     evaluate.set_defaults(handler=_evaluate)
+
+    checks = commands.add_parser(
+        "add-film-checks", help="give a package made before the film checks existed its checks (blank, too small, "
+                                "strip, inverted), fitted on its training films; the test split is not read")
+    checks.add_argument("--package", required=True, help="the evaluated package (artifacts/VERSION)")
+    checks.add_argument("--data", help="the data it was trained on (default: its config's data.path)")
+    checks.add_argument("--artifacts", default="artifacts", help="the new package goes to ARTIFACTS/VERSION-checks/")
+    checks.set_defaults(handler=_add_film_checks)
 
 
 def _add_serving_commands(commands) -> None:

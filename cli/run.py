@@ -79,7 +79,7 @@ def summary_lines(best: dict, report: dict, report_dir: Path, package_dir: Path,
         "95 % CI:",
         f"             {metric('accuracy', 'accuracy %')}, {metric('sensitivity', 'sensitivity %')}, "
         f"{metric('specificity', 'specificity %')}, {metric('auc', 'AUC')}",
-        *([f"OOD gate     {gate['method']}: refuses {100 * gate['test_refusal_rate']:.1f} % of test films; "
+        *([f"refused      {100 * gate['test_refusal_rate']:.1f} % of test films (film checks and gate); "
            + ", ".join(f"{k['kind']} {100 * k['detection_rate']:.0f} %" for k in gate["kinds"])] if gate else []),
         f"report       {display_path(report_dir / 'report.md')}",
         f"package      {display_path(package_dir)}",

@@ -18,7 +18,9 @@ from evaluation.report import build_report, ood_report, write_report
 from models.calibration import Calibration, fit_platt
 from models.config import TrainConfig, from_dict
 from models.dataset import DataSplits, Split, load_splits, stratified_subset
+from evaluation.films import fit_checks
 from models.errors import PneumoniaError
+from models.film_checks import FilmChecks
 from models.ood import OodGate, OodScorer, fit_gate, with_embedding
 from models.package import PackageMetadata, file_sha256, load_model_dir, package_versions, write_package
 from models.paths import display_path
@@ -53,6 +55,7 @@ class EvaluationOptions:
     calibrate: bool = True  # Platt scaling fitted on validation
     ood_method: str = "mahalanobis"  # see models.ood; "none" = no gate
     ood_quantile: float = 0.995  # the gate's threshold: this quantile of the validation films' scores
+    film_checks: bool = True  # checks before the model (models.film_checks), fitted on training films
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +167,22 @@ def fit_ood_gate(model, splits: DataSplits, contract: InputContract, scores: Sco
     return scorer, gate
 
 
+def fit_film_checks(splits: DataSplits, contract: InputContract, options: EvaluationOptions,
+                    log: Callable[[str], None]) -> FilmChecks | None:
+    """The checks before the model, fitted on the same stratified subset of training films as the gate."""
+    if not options.film_checks:
+        return None
+    train = stratified_subset(splits.train, OOD_TRAIN_IMAGES, seed=0)
+    checks = fit_checks(train, contract.image_size, f"training split ({len(train)} of {len(splits.train)} films)")
+    log(f"film checks: shorter side >= {checks.min_side} px, width/height {checks.aspect_range[0]:.3g}-"
+        f"{checks.aspect_range[1]:.3g}, grey-level spread >= {checks.min_spread:.4f}, not inverted; fitted on the "
+        f"{checks.fitted_on}")
+    return checks
+
+
 def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, artifacts_dir: Path,
-                   calibration: Calibration | None, ood: tuple[OodScorer, OodGate] | None) -> Path:
+                   calibration: Calibration | None, ood: tuple[OodScorer, OodGate] | None,
+                   checks: FilmChecks | None = None) -> Path:
     """``artifacts/VERSION``: the evaluated model byte for byte, with the threshold, calibration, OOD gate
     and test metrics."""
     created = datetime.now(timezone.utc)
@@ -178,6 +195,7 @@ def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, ar
         threshold_method=report["threshold_method"],
         calibration=calibration,
         ood=None if ood is None else ood[1],
+        film_checks=checks,
         test_metrics={k: v for k, v in test.items() if k != "confusion_matrix"},
         test_confusion_matrix=test["confusion_matrix"],
         confidence_intervals=report["confidence_intervals"],
@@ -200,7 +218,7 @@ def evaluate(
     options: EvaluationOptions = EvaluationOptions(),
     produced_by: dict | None = None,
 ) -> Evaluation:
-    """``pneumonia evaluate``: score, fit the OOD gate, report, export; the test split is read once, by
+    """``pneumonia evaluate``: score, fit the OOD gate and the film checks, report, export; the test split is read once, by
     :func:`score`. ``produced_by`` says where the model came from (a search's trial or ensemble, see
     ``tuning.ensemble.resolve_experiment``); default: the model directory itself."""
     configure_tensorflow(0, "float32")
@@ -213,16 +231,17 @@ def evaluate(
     splits = load_evaluation_data(config, data, metadata.data.get("fingerprint"))
     scores = score(served, splits, metadata.input, options, log)
     ood = fit_ood_gate(served, splits, metadata.input, scores, options, log)
+    checks = fit_film_checks(splits, metadata.input, options, log)
     data_path = metadata.config["data"]["path"]
     config_shown = {**metadata.config, "data": {**metadata.config["data"], "path": data_path and display_path(data_path)}}
     described = {"source": display_path(source_dir), "sha256": file_sha256(source_dir / "model.keras"),
                  "produced_by": produced_by, "config": config_shown, "best_epoch": metadata.best_epoch,
                  "validation": metadata.validation}
     report = build_report(name, splits, scores, described)
-    if ood is not None:
-        report["ood"] = ood_report(served, splits, metadata.input, scores, *ood)
+    if ood is not None or checks is not None:
+        report["ood"] = ood_report(served, splits, metadata.input, scores, ood, checks)
     out = write_report(report, splits, scores, Path(reports_dir) / name)
-    package_dir = export_package(source_dir, metadata, report, Path(artifacts_dir), scores.calibration, ood)
+    package_dir = export_package(source_dir, metadata, report, Path(artifacts_dir), scores.calibration, ood, checks)
     test = report["test"]
     log(f"test ({len(splits.test)} images): accuracy {test['accuracy']:.4f}, AUC {test['auc']:.4f}, "
         f"sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}")

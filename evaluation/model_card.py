@@ -132,26 +132,42 @@ def operating_point_lines(report: dict) -> list[str]:
     return lines + ["", "![validation J curve](validation_j.png) ![reliability](reliability.png)", ""]
 
 
+def _reasons(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in counts.items()) or "none"
+
+
 def ood_lines(report: dict) -> list[str]:
-    """The out-of-distribution gate: what it refuses of real films and of what is not a chest film."""
+    """What the endpoint refuses, by the checks before the model and by the gate: of real films, and of what
+    is not a chest film."""
     ood = report.get("ood")
     if not ood:
         return []
-    lines = [
-        "## Out-of-distribution gate",
-        "",
-        f"The endpoint refuses (HTTP 422) an image whose {ood['method']} score exceeds {ood['threshold']:.4g}, the "
-        f"{100 * ood['quantile']:.1f}th percentile of the validation films' scores; fitted on the {ood['fitted_on']}.",
-        "",
+    lines = ["## What the endpoint refuses", ""]
+    checks = ood.get("film_checks")
+    if checks:
+        low, high = checks["aspect_range"]
+        lines += [f"Before the model (HTTP 422, not overridden by `?force=true`): a shorter side under "
+                  f"{checks['min_side']} px (`too_small`), width/height outside {low:.3g}-{high:.3g} (`aspect`), a "
+                  f"grey-level spread under {checks['min_spread']:.4f} (`blank`), an inverted film (`inverted`); fitted "
+                  f"on the {checks['fitted_on']}. They refused {_reasons(checks['validation_refused'])} of the "
+                  f"validation films and {_reasons(checks['test_refused'])} of the test films.", ""]
+    if ood.get("method"):
+        lines += [f"The gate (HTTP 422 with the score) refuses an image whose {ood['method']} score exceeds "
+                  f"{ood['threshold']:.4g}, the {100 * ood['quantile']:.1f}th percentile of the validation films' "
+                  f"scores; fitted on the {ood['fitted_on']}.", ""]
+    lines += [
         f"- In-distribution films refused: validation {100 * ood['validation_refusal_rate']:.1f} %, test "
-        f"{100 * ood['test_refusal_rate']:.1f} % ({ood['test_refused']} of the test films).",
+        f"{100 * ood['test_refusal_rate']:.1f} % ({ood['test_refused']} of the test films: "
+        f"{_reasons(ood['test_refused_by'])}).",
         "",
-        "| not a chest film like the training ones | images | refused at the threshold | AUROC vs test films | |",
-        "|---|---|---|---|---|",
+        "| not a chest film like the training ones | images | refused | by the film checks | by the gate | "
+        "gate AUROC vs test films | |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in ood["kinds"]:
-        lines.append(f"| {row['kind']} | {row['images']} | {100 * row['detection_rate']:.0f} % | {row['auroc']:.3f} | "
-                     f"{row['verdict']} |")
+        auroc = "-" if row["auroc"] is None else f"{row['auroc']:.3f}"
+        lines.append(f"| {row['kind']} | {row['images']} | {100 * row['detection_rate']:.0f} % | "
+                     f"{100 * row['by_checks']:.0f} % | {100 * row['by_gate']:.0f} % | {auroc} | {row['verdict']} |")
     missed = [f"{image['name']} ({image['kind']})" for image in ood["images"] if not image["refused"]]
     if missed:
         lines += ["", "Let through: " + ", ".join(missed[:20]) + (f" and {len(missed) - 20} more" if len(missed) > 20 else "")

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.films import refusal_reason, split_refusals
 from evaluation.metrics import binary_report, bootstrap_intervals, subgroup_rates
 from evaluation.model_card import render
 from evaluation.ood_set import ood_images, read_gray
 from evaluation.plots import write_plots, write_validation_plots
 from models.dataset import CLASS_NAMES, DataSplits, Split
+from models.film_checks import FilmChecks
 from models.package import utc_now
 from models.paths import display_path
 from models.preprocessing import decode_image, preprocess
@@ -111,29 +113,64 @@ def score_images(model, scorer, pngs: list[bytes], contract) -> np.ndarray:
     return np.concatenate(scores)
 
 
-def ood_report(model, splits: DataSplits, contract, scores, scorer, gate) -> dict:
-    """The gate on in-distribution films (validation, test: refusing many of them is a failure) and on the
-    check set (``evaluation.ood_set``): per kind, how many are refused at the threshold, and the AUROC of OOD
-    images against the test films."""
+def _refusals(reasons: list[str | None], gate_refused: np.ndarray) -> list[str | None]:
+    """Per image, what the endpoint refuses it by: a film check (checked first), the gate, or nothing."""
+    return [reason or ("ood_gate" if gated else None) for reason, gated in zip(reasons, gate_refused)]
+
+
+def _counts(refused_by: list[str | None]) -> dict[str, int]:
+    return {reason: refused_by.count(reason) for reason in dict.fromkeys(r for r in refused_by if r)}
+
+
+def ood_report(model, splits: DataSplits, contract, scores, ood: tuple | None, checks: FilmChecks | None) -> dict:
+    """What the endpoint refuses, as it refuses it: the film checks first (``models.film_checks``), then the
+    gate (``ood``: (scorer, gate)). On in-distribution films (validation, test: refusing many of them is a
+    failure) and on the check set (``evaluation.ood_set``): per kind, how many are refused and by what, and
+    the AUROC of the gate's score against the test films."""
     from sklearn.metrics import roc_auc_score
 
-    val = scorer.score(scores.val_embeddings, scores.val_uncalibrated)
-    test = scorer.score(scores.test_embeddings, scores.test_uncalibrated)
     images = ood_images(films_to_transform(splits.val))
-    outside = score_images(model, scorer, [image.png for image in images], contract)
+    if checks is None:
+        val_checks, test_checks, image_checks = [None] * len(splits.val), [None] * len(splits.test), [None] * len(images)
+    else:
+        val_checks, test_checks = (split_refusals(split, contract.image_size, checks) for split in (splits.val, splits.test))
+        image_checks = [refusal_reason(decode_image(image.png), contract.image_size, checks) for image in images]
+    if ood is None:
+        val = test = outside = None
+        gated = {"val": np.zeros(len(splits.val), bool), "test": np.zeros(len(splits.test), bool),
+                 "images": np.zeros(len(images), bool)}
+        section = {"method": None}
+    else:
+        scorer, gate = ood
+        val = scorer.score(scores.val_embeddings, scores.val_uncalibrated)
+        test = scorer.score(scores.test_embeddings, scores.test_uncalibrated)
+        outside = score_images(model, scorer, [image.png for image in images], contract)
+        gated = {"val": val > gate.threshold, "test": test > gate.threshold, "images": outside > gate.threshold}
+        section = {**dataclasses.asdict(gate), "gate_validation_refusal_rate": float(np.mean(gated["val"])),
+                   "gate_test_refusal_rate": float(np.mean(gated["test"]))}
+    val_by, test_by, image_by = (_refusals(c, gated[k]) for c, k in
+                                 ((val_checks, "val"), (test_checks, "test"), (image_checks, "images")))
     kinds = []
     for kind in dict.fromkeys(image.kind for image in images):
-        member = np.asarray([image.kind == kind for image in images])
-        detected = float(np.mean(outside[member] > gate.threshold))
-        auroc = roc_auc_score(np.r_[np.zeros(len(test)), np.ones(member.sum())], np.r_[test, outside[member]])
-        kinds.append({"kind": kind, "images": int(member.sum()), "detection_rate": detected, "auroc": float(auroc),
+        member = [i for i, image in enumerate(images) if image.kind == kind]
+        refused = [image_by[i] for i in member]
+        detected = float(np.mean([r is not None for r in refused]))
+        auroc = None if ood is None else float(roc_auc_score(np.r_[np.zeros(len(test)), np.ones(len(member))],
+                                                             np.r_[test, outside[member]]))
+        kinds.append({"kind": kind, "images": len(member), "detection_rate": detected,
+                      "by_checks": float(np.mean([r not in (None, "ood_gate") for r in refused])),
+                      "by_gate": float(np.mean(gated["images"][member])), "auroc": auroc,
                       "verdict": "caught" if detected >= 0.9 else "missed" if detected < 0.5 else "partly caught"})
     return {
-        **dataclasses.asdict(gate),
-        "validation_refusal_rate": float(np.mean(val > gate.threshold)),
-        "test_refusal_rate": float(np.mean(test > gate.threshold)),
-        "test_refused": int(np.sum(test > gate.threshold)),
+        **section,
+        "film_checks": None if checks is None else {
+            **{k: v for k, v in dataclasses.asdict(checks).items() if k != "inversion_weights"},
+            "validation_refused": _counts(val_checks), "test_refused": _counts(test_checks)},
+        "validation_refusal_rate": float(np.mean([r is not None for r in val_by])),
+        "test_refusal_rate": float(np.mean([r is not None for r in test_by])),
+        "test_refused": int(sum(r is not None for r in test_by)),
+        "test_refused_by": _counts(test_by),
         "kinds": kinds,
-        "images": [{"kind": image.kind, "name": image.name, "score": float(score), "refused": bool(score > gate.threshold)}
-                   for image, score in zip(images, outside)],
+        "images": [{"kind": image.kind, "name": image.name, "score": None if outside is None else float(outside[i]),
+                    "refused": image_by[i] is not None, "refused_by": image_by[i]} for i, image in enumerate(images)],
     }

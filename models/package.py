@@ -23,6 +23,7 @@ from models.calibration import Calibration
 from models.config import ConfigError, from_dict
 from models.dataset import CLASS_NAMES
 from models.errors import PneumoniaError
+from models.film_checks import FilmChecks
 from models.ood import OodGate, OodScorer
 from models.preprocessing import InputContract
 
@@ -92,6 +93,7 @@ class PackageMetadata:
     source: dict = dataclasses.field(default_factory=dict)  # experiment, trial, model sha256
     calibration: Calibration | None = None  # fitted on validation by evaluation; None = the model's own output
     ood: OodGate | None = None  # the out-of-distribution gate fitted by evaluation; None = every input is classified
+    film_checks: FilmChecks | None = None  # checks before the model, fitted by evaluation; None = none
     versions: dict = dataclasses.field(default_factory=package_versions)
     schema_version: int = SCHEMA_VERSION
 

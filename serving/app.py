@@ -23,7 +23,7 @@ from ray import serve
 
 from models.runtime import configure_tensorflow
 from serving.schema import PREDICT_REQUEST, Health, Metadata, Prediction, errors
-from serving.service import ClassifierService, OutOfDistribution
+from serving.service import ClassifierService, Refused
 from serving.settings import AUTOSCALING, ServeSettings
 
 api = FastAPI(title="Pneumonia classifier", description="Chest X-ray pneumonia classification (research use only).")
@@ -86,7 +86,7 @@ class Classifier:
         the Grad-CAM overlay. The header ``X-Batch-Size`` says how many requests shared the model call."""
         try:
             result, batch_size = await self.service.predict(request, explain, self._predict_batch, force)
-        except OutOfDistribution as refused:
+        except Refused as refused:
             return JSONResponse(refused.body, status_code=422)
         response.headers["X-Batch-Size"] = str(batch_size)
         return result

@@ -7,7 +7,8 @@ import io
 
 import numpy as np
 
-from models.preprocessing import decode_image, preprocess
+from models.film_checks import FilmChecks, model_input
+from models.preprocessing import decode_image
 
 IMAGE_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG"}
 DICOM_TYPE = "application/dicom"
@@ -64,15 +65,20 @@ def _dicom_pixels(body: bytes, max_pixels: int) -> np.ndarray:
 
 
 def decode_request(body: bytes, content_type: str, image_size: int, max_pixels: int,
-                   intensity: str = "none") -> np.ndarray:
+                   intensity: str = "none", checks: FilmChecks | None = None) -> np.ndarray:
     """Request bytes -> the model input (S, S, 1) float32, through the training preprocessing (the package's
-    input contract gives ``image_size`` and ``intensity``)."""
-    from PIL import Image, UnidentifiedImageError
-
+    input contract gives ``image_size`` and ``intensity``); ``checks`` (the package's) raise
+    ``models.film_checks.NotAFilm`` for a decodable image that is not a film."""
     if not body:
         raise InvalidImage("empty request body: send the image bytes")
-    if content_type == DICOM_TYPE:
-        return preprocess(_dicom_pixels(body, max_pixels), image_size, intensity).numpy()
+    pixels = _dicom_pixels(body, max_pixels) if content_type == DICOM_TYPE else _decoded(body, content_type, max_pixels)
+    return model_input(pixels, image_size, intensity, checks)
+
+
+def _decoded(body: bytes, content_type: str, max_pixels: int):
+    """JPEG or PNG bytes -> float32 (H, W, 3) in [0, 1]; the size is checked on the header before decoding."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(io.BytesIO(body)) as header:  # the header only: the size is known before decoding
             width, height = header.size
@@ -84,6 +90,6 @@ def decode_request(body: bytes, content_type: str, image_size: int, max_pixels: 
     if kind != IMAGE_TYPES.get(content_type):
         raise InvalidImage(f"the body is {kind} but was sent as {content_type}")
     try:
-        return preprocess(decode_image(body), image_size, intensity).numpy()
+        return decode_image(body)
     except Exception as exc:  # a truncated or corrupt stream fails in the decoder
         raise InvalidImage(f"the image could not be decoded (truncated or corrupt?): {exc}") from None

@@ -41,8 +41,10 @@ class ErrorDetail(BaseModel):
 
 class Refusal(BaseModel):
     detail: str = Field(description="why the image was refused")
-    ood_score: float
-    ood_threshold: float
+    reason: str = Field(description="the check that refused it: ood_gate, or a check before the model "
+                                    "(see /metadata's film_checks)")
+    ood_score: float | None = Field(None, description="with reason ood_gate")
+    ood_threshold: float | None = Field(None, description="with reason ood_gate")
 
 
 class ValidationProblem(BaseModel):
@@ -64,6 +66,8 @@ class Metadata(BaseModel):
     test_metrics: dict[str, Any]
     calibration: dict[str, Any] | None
     ood: dict[str, Any] = Field(description="the out-of-distribution gate, or why there is none")
+    film_checks: dict[str, Any] | None = Field(None, description="the checks before the model (too small, aspect, "
+                                                                 "blank, inverted), or null for a package without")
     security: dict[str, Any] = Field(description="authentication: whether /predict needs a bearer token; warning: "
                                                  "when it was allowed to go without one")
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException, Request
 
+from models.film_checks import REASONS, FilmChecks, NotAFilm
 from models.gradcam import gradcam
 from models.ood import OodScorer, with_embedding
 from models.package import PackageMetadata, load_model_dir, load_ood_scorer
@@ -36,13 +37,41 @@ def load_package(package: str) -> tuple[Any, PackageMetadata, OodScorer | None]:
     return model, metadata, load_ood_scorer(package, metadata)
 
 
-class OutOfDistribution(Exception):
-    """The gate refused the image: it does not look like the films the model was trained on (HTTP 422)."""
+class Refused(Exception):
+    """An image the endpoint will not classify (HTTP 422): ``reason`` names the check (a metrics label),
+    ``body`` is the JSON answer."""
+
+    reason = "refused"
+
+    def __init__(self, detail: str, **fields: Any):
+        super().__init__(detail)
+        self.body = {"detail": detail, "reason": self.reason, **fields}
+
+
+class OutOfDistribution(Refused):
+    """The gate refused the image: it does not look like the films the model was trained on."""
+
+    reason = "ood_gate"
 
     def __init__(self, score: float, threshold: float):
         super().__init__("not a chest radiograph like the training data (frontal pediatric chest film); "
-                         "?force=true classifies it anyway, for research use")
-        self.body = {"detail": str(self), "ood_score": score, "ood_threshold": threshold}
+                         "?force=true classifies it anyway, for research use", ood_score=score, ood_threshold=threshold)
+
+
+class NotAChestFilm(Refused):
+    """A check before the model refused the image (``models.film_checks``): blank, too small, a strip, inverted.
+    Not overridden by ``?force=true``: there is no film to classify."""
+
+    def __init__(self, refused: NotAFilm):
+        self.reason = refused.reason
+        super().__init__(str(refused))
+
+
+def film_checks_info(checks: FilmChecks | None) -> dict[str, Any] | None:
+    """What /metadata says of the checks before the model (their thumbnail weights left out)."""
+    if checks is None:
+        return None
+    return {**{k: v for k, v in dataclasses.asdict(checks).items() if k != "inversion_weights"}, "reasons": list(REASONS)}
 
 
 class LoadedPackage:
@@ -67,6 +96,7 @@ class LoadedPackage:
             "calibration": None if self.metadata.calibration is None else dataclasses.asdict(self.metadata.calibration),
             "test_metrics": self.metadata.test_metrics,
             "ood": NO_GATE if ood is None else dataclasses.asdict(ood),
+            "film_checks": film_checks_info(self.metadata.film_checks),
         }
 
     def predict(self, images: list[np.ndarray]) -> list[tuple[float, float | None]]:
@@ -165,17 +195,20 @@ class ClassifierService:
 
     async def predict(self, request: Request, explain: bool, batched: BatchedCall,
                       force: bool = False) -> tuple[dict[str, Any], int]:
-        """Authorize, read, decode (in a thread), classify through ``batched``; returns (answer, batch size).
-        Raises OutOfDistribution for an image the gate refuses, unless ``force``."""
+        """Authorize, read, decode (in a thread), check that it is a film, classify through ``batched``; returns
+        (answer, batch size). Raises NotAChestFilm for an image the package's film checks refuse, and
+        OutOfDistribution for one its gate refuses, unless ``force``."""
         authorize(request.headers.get("authorization"), self.token)
         body, content_type = await read_image(request, self.settings.max_body_bytes)
         loaded = self.loaded  # one package for the whole request, even across a hot swap
         try:
             contract = loaded.metadata.input
             image = await asyncio.to_thread(decode_request, body, content_type, contract.image_size,
-                                            self.settings.max_pixels, contract.intensity)
+                                            self.settings.max_pixels, contract.intensity, loaded.metadata.film_checks)
         except InvalidImage as exc:
             raise HTTPException(400, str(exc)) from None
+        except NotAFilm as refused:
+            raise NotAChestFilm(refused) from None
         probability, ood_score, batch_size = await batched(image)
         result = loaded.answer(probability, ood_score, force)
         if explain:  # rare and costlier: outside the batch, in a thread

@@ -13,8 +13,11 @@ REAL_DATA = os.environ.get("PNEUMONIA_DATA", "")
 
 
 def _image(label: int, rng: np.random.Generator, size: int) -> Image.Image:
-    """A noisy gray film; PNEUMONIA images carry a bright patch so a tiny model can learn something."""
+    """A noisy gray film with a film's layout (a bright column in the middle, as the spine and mediastinum
+    are, so a negative of it looks inverted); PNEUMONIA images carry a bright patch so a tiny model can learn
+    something."""
     pixels = rng.normal(90, 25, (size, size)).clip(0, 255)
+    pixels[:, 3 * size // 8 : 5 * size // 8] += 40
     if label:
         pixels[size // 4 : size // 2, size // 4 : 3 * size // 4] += 90
     return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert("RGB")

@@ -217,6 +217,31 @@ def test_tampered_package_is_refused(trained, mendeley_dir, tmp_path):
         load_model_dir(package)
 
 
+def test_a_package_without_film_checks_gets_them_without_reading_the_test_split(trained, mendeley_dir, tmp_path,
+                                                                               capsys, monkeypatch):
+    import evaluation.films
+    from models.package import read_metadata
+
+    report, _ = _evaluate(trained, mendeley_dir, tmp_path, "--no-film-checks")
+    assert report["ood"]["film_checks"] is None
+    (package,) = (tmp_path / "artifacts").iterdir()
+    read, stored_films = [], evaluation.films.stored_films
+    monkeypatch.setattr(evaluation.films, "stored_films", lambda split: read.append(split.name) or stored_films(split))
+    assert main(["add-film-checks", "--package", str(package), "--data", str(mendeley_dir),
+                 "--artifacts", str(tmp_path / "artifacts")]) == 0
+    assert "validation films refused by the checks: 0 of" in capsys.readouterr().out
+    assert read == ["train", "val"]  # fitted on training films, counted on validation; no test film decoded
+    added = tmp_path / "artifacts" / f"{package.name}-checks"
+    old, new = read_metadata(package), read_metadata(added)
+    assert new.film_checks is not None and new.film_checks.min_side == 32 // 4
+    assert new.replace(film_checks=None, version=old.version, created_at=old.created_at, source=old.source) == old
+    for name in ("model.keras", "ood.npz"):
+        assert (added / name).read_bytes() == (package / name).read_bytes()
+    load_model_dir(added)  # checksums hold
+    assert main(["add-film-checks", "--package", str(added), "--data", str(mendeley_dir)]) == 2
+    assert "already has film checks" in capsys.readouterr().err
+
+
 def test_evaluate_from_an_experiment_best_json(trained, mendeley_dir, tmp_path):
     experiment = tmp_path / "experiment"
     experiment.mkdir()
@@ -253,3 +278,9 @@ def test_evaluation_of_a_tiny_real_model_covers_all_624_test_images(real_data, t
     rows = _read_predictions(report_dir / "predictions.csv")
     assert len(rows) == 624 and len({r["path"] for r in rows}) == 624
     assert sum(map(sum, report["test"]["confusion_matrix"])) == 624
+    # the checks before the model (issue 20): what is no film refused, real films kept
+    ood = report["ood"]
+    assert sum(ood["film_checks"]["validation_refused"].values()) <= 0.02 * sum(report["counts"]["val"].values())
+    assert sum(ood["film_checks"]["test_refused"].values()) <= 0.02 * 624
+    kinds = {row["kind"]: row for row in ood["kinds"]}
+    assert all(kinds[kind]["by_checks"] >= 0.95 for kind in ("blank", "tiny", "strip", "inverted")), kinds

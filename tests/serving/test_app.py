@@ -40,12 +40,14 @@ def package(tmp_path_factory):
     write_split(data / "test", patients=4, seed=2, offset=500)
     model = root / "model"
     assert main(["train", "--data", str(data), "--output", str(model), *[a for s in TINY for a in ("--set", s)]]) == 0
-    # no gate here: these tests send every test film and expect its label (a package made before gates
-    # existed serves the same way); the gate has its own package below. No calibration either: Platt scaling
-    # fitted on this tiny model's validation squeezes every probability into 0.50005 +- 2e-6, where no skew
-    # could show; raw, one grey level moves each film's probability by >= 3e-5 (tests/numerics.py)
+    # no gate and no film checks here: these tests send every test film, and images that are no film, and expect
+    # a label (a package made before gates existed serves the same way); the gate has its own package below.
+    # No calibration either: Platt scaling fitted on this tiny model's validation squeezes every probability into
+    # 0.50005 +- 2e-6, where no skew could show; raw, one grey level moves each film's probability by >= 3e-5
+    # (tests/numerics.py)
     assert main(["evaluate", "--model", str(model), "--data", str(data), "--reports", str(root / "reports"),
-                 "--artifacts", str(root / "artifacts"), "--ood-method", "none", "--no-calibration"]) == 0
+                 "--artifacts", str(root / "artifacts"), "--ood-method", "none", "--no-film-checks",
+                 "--no-calibration"]) == 0
     (pkg,) = (root / "artifacts").iterdir()
     return pkg, root / "reports" / "cnn" / "predictions.csv"
 
@@ -67,10 +69,11 @@ def endpoint(package):
     from ray import serve
 
     from serving.app import build_app
-    from serving.ingress import HAPROXY_ENV, HAPROXY_PATHS, HAPROXY_PORTS, set_ingress_environment, stop_haproxy
+    from serving.ingress import (HAPROXY_ENV, HAPROXY_PATHS, HAPROXY_PORTS, PROXY_PATIENCE_ENV, set_ingress_environment,
+                                 stop_haproxy)
 
     port = free_port()
-    saved = {key: os.environ.get(key) for key in [*HAPROXY_ENV, *HAPROXY_PORTS, *HAPROXY_PATHS]}
+    saved = {key: os.environ.get(key) for key in [*HAPROXY_ENV, *HAPROXY_PORTS, *HAPROXY_PATHS, *PROXY_PATIENCE_ENV]}
     assert set_ingress_environment("auto", port) == "haproxy"  # as `pneumonia serve` does (ray[serve] bundles it)
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # 4 logical: 2 apps x 2 replicas
     try:
@@ -294,7 +297,8 @@ def test_predict_cli_prints_one_line_per_image_and_fails_on_errors(endpoint, pac
 
 
 def test_web_page_in_headless_chromium_classifies_an_upload(endpoint, package, tmp_path):
-    """Debian's chromium (installed by .ci/run), driven by Playwright; a screenshot lands in docs/img/."""
+    """Debian's chromium (installed by .ci/run), driven by Playwright; a screenshot lands in the test's tmp_path
+    (a test run leaves the checkout as it was)."""
     import shutil
 
     from playwright.sync_api import sync_playwright
@@ -320,9 +324,7 @@ def test_web_page_in_headless_chromium_classifies_an_upload(endpoint, package, t
             assert page.inner_text("#label") == row["pred"]
             assert float(page.inner_text("#probability")) == pytest.approx(float(row["prob_pneumonia"]), abs=1e-3)
             assert page.get_attribute("#heatmap", "src").startswith("data:image/png;base64,")
-            docs = Path(__file__).resolve().parents[2] / "docs" / "img"
-            docs.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(docs / "web-page-test.png"))
+            page.screenshot(path=str(tmp_path / "web-page-test.png"))  # kept by pytest for a look after a failure
         finally:
             browser.close()
 
@@ -413,44 +415,54 @@ def test_killed_replica_costs_few_requests_and_serve_recovers(endpoint, package)
     serve.delete("kill")
 
 
-def test_the_gate_refuses_what_the_evaluation_refused_with_the_same_score_and_stays_up(endpoint, gated):
-    """Every image of the evaluation's OOD check set, sent as the same bytes: the served score equals the
-    evaluated one (to OOD_SCORE_REL: the evaluation scored it in a batch of 32, the server alone;
-    tests/numerics.py), a refused one gets 422 with detail, score and threshold, ?force=true labels it,
-    and the replica answers after each refusal."""
+def test_the_endpoint_refuses_what_the_evaluation_refused_for_the_same_reason_and_stays_up(endpoint, gated):
+    """Every image of the evaluation's OOD check set, sent as the same bytes, is refused for the reason the
+    report gives. By a check before the model (blank, too small, a strip, inverted): 422 with that reason, even
+    with ?force=true. By the gate: 422 with its score, which equals the evaluated one (to OOD_SCORE_REL: the
+    evaluation scored it in a batch of 32, the server alone; tests/numerics.py), and ?force=true labels it. The
+    replica answers after each refusal."""
     from ray import serve
 
     from evaluation.ood_set import ood_images, read_gray
     from evaluation.report import OOD_CHEST_FILMS
+    from models.film_checks import REASONS
     from serving.app import build_app
 
     package, report = gated
     serve.run(build_app({"package": str(package), "auth_token": TOKEN}), name="gated", route_prefix="/gated")
     with urllib.request.urlopen(f"{endpoint}/gated/metadata", timeout=30) as response:
-        gate = json.loads(response.read())["ood"]
+        metadata = json.loads(response.read())
+    gate = metadata["ood"]
     assert gate["method"] == "mahalanobis" and gate["threshold"] == report["ood"]["threshold"]
+    assert metadata["film_checks"]["min_side"] == report["ood"]["film_checks"]["min_side"]
     from models.dataset import load_splits
 
-    metadata = json.loads((package / "metadata.json").read_text())
-    val = load_splits(metadata["config"]["data"]["path"]).val
+    stored = json.loads((package / "metadata.json").read_text())
+    val = load_splits(stored["config"]["data"]["path"]).val
     images = ood_images(read_gray(val.paths[:OOD_CHEST_FILMS]))
     expected = {row["name"]: row for row in report["ood"]["images"]}
     assert [image.name for image in images] == list(expected)
-    refused = 0
+    reasons = []
     for image in images:
         status, body, _ = _post(f"{endpoint}/gated", image.png, "image/png")
         row = expected[image.name]
-        if row["refused"]:
-            refused += 1
-            assert status == 422 and "not a chest radiograph" in body["detail"], (image.name, body)
+        reasons.append(row["refused_by"])
+        if row["refused_by"] in REASONS:
+            assert status == 422 and body["reason"] == row["refused_by"] and "ood_score" not in body, (image.name, body)
+            forced, body, _ = _post(f"{endpoint}/gated", image.png, "image/png", query="?force=true")
+            assert forced == 422 and body["reason"] == row["refused_by"], (image.name, body)  # no film to force
+            continue
+        if row["refused_by"] == "ood_gate":
+            assert status == 422 and body["reason"] == "ood_gate" and "not a chest radiograph" in body["detail"]
             assert body["ood_threshold"] == gate["threshold"]
             status, forced, _ = _post(f"{endpoint}/gated", image.png, "image/png", query="?force=true")
             assert status == 200 and forced["out_of_distribution"] is True
         else:
             assert status == 200 and body["out_of_distribution"] is False, (image.name, body)
         assert body["ood_score"] == pytest.approx(row["score"], rel=OOD_SCORE_REL), image.name
-    assert refused >= 1  # a photo, a page or a checkerboard is refused even by this tiny model
-    assert _post(f"{endpoint}/gated", images[0].png, "image/png", query="?force=true")[0] == 200
+    assert {"blank", "too_small", "aspect", "ood_gate"} <= set(reasons)  # even this tiny model's gate refuses some
+    classifiable = next(image for image in images if expected[image.name]["refused_by"] in (None, "ood_gate"))
+    assert _post(f"{endpoint}/gated", classifiable.png, "image/png", query="?force=true")[0] == 200
     serve.delete("gated")
 
 

@@ -236,7 +236,8 @@ def test_the_gate_refuses_with_422_unless_forced_and_every_answer_carries_the_sc
     with pytest.raises(OutOfDistribution) as refused:  # mean 0.5: P = 0.5, the least confident
         _predict(service, _png(128), {"content-type": "image/png"})
     body = refused.value.body
-    assert set(body) == {"detail", "ood_score", "ood_threshold"} and "not a chest radiograph" in body["detail"]
+    assert set(body) == {"detail", "reason", "ood_score", "ood_threshold"} and body["reason"] == "ood_gate"
+    assert "not a chest radiograph" in body["detail"]
     assert body["ood_score"] > body["ood_threshold"] == -0.9
 
     async def forced():

@@ -116,6 +116,9 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     lr_schedule: Literal["cosine", "constant"] = "cosine"
+    # cosine only: the learning rate rises linearly from 1 % to learning_rate over this many epochs first, so
+    # fine-tuning every layer of a pretrained network does not start with its largest steps on a fresh head
+    warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
     mixed_precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = 0  # TF intra-op threads; 0 = the CPUs this process is given
@@ -129,6 +132,10 @@ class TrainConfig:
             raise ConfigError("learning_rate must be > 0 and weight_decay >= 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        if not 0.0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"warmup_epochs must lie in [0, epochs={self.epochs}), got {self.warmup_epochs}")
+        if self.warmup_epochs and self.lr_schedule != "cosine":
+            raise ConfigError("warmup_epochs needs lr_schedule: cosine")
 
 
 def _field_types(cls: type) -> dict[str, Any]:

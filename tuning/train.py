@@ -61,7 +61,13 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
 
     lr = config.learning_rate
     if config.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, config.epochs * steps_per_epoch), alpha=0.01)
+        total = max(1, config.epochs * steps_per_epoch)
+        warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
+        if warmup > 0:  # linear from 1 % to lr over the warm-up, then cosine down to 1 % of lr
+            lr = keras.optimizers.schedules.CosineDecay(lr / 100, decay_steps=total - warmup, alpha=0.01,
+                                                        warmup_target=lr, warmup_steps=warmup)
+        else:
+            lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=total, alpha=0.01)
     if config.optimizer == "adamw":
         return keras.optimizers.AdamW(learning_rate=lr, weight_decay=config.weight_decay)
     if config.optimizer == "adam":

@@ -64,11 +64,23 @@ def test_train_config_file_plus_overrides(tmp_path):
         (["--set", "batch_size=big"], "batch_size: expected an integer"),
         (["--set", "epochs"], "not of the form key=value"),
         (["--config", "/nonexistent.yaml"], "config file not found"),
+        (["--set", "epochs=2", "--set", "warmup_epochs=2"], "warmup_epochs must lie in [0, epochs=2)"),
+        (["--set", "warmup_epochs=1", "--set", "lr_schedule=constant"], "warmup_epochs needs lr_schedule: cosine"),
     ],
 )
 def test_bad_configs_exit_2_with_a_clear_message(args, message, mendeley_dir, capsys):
     assert main(["train", "--data", str(mendeley_dir), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_warm_up_rises_linearly_to_the_learning_rate_then_cosine_decays_to_one_percent():
+    from tuning.train import make_optimizer
+
+    schedule = make_optimizer(TrainConfig(epochs=4, learning_rate=1e-3, warmup_epochs=1), steps_per_epoch=10)._learning_rate
+    rates = [float(schedule(step)) for step in (0, 5, 10, 25, 40)]
+    assert rates == pytest.approx([1e-5, 5.05e-4, 1e-3, 5.05e-4, 1e-5], rel=1e-3)
+    plain = make_optimizer(TrainConfig(epochs=4, learning_rate=1e-3), steps_per_epoch=10)._learning_rate
+    assert float(plain(0)) == pytest.approx(1e-3) and float(plain(40)) == pytest.approx(1e-5)
 
 
 def test_bad_yaml_is_reported(tmp_path, capsys):

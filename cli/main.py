@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from cli.run import run_end_to_end
 from evaluation.evaluate import EvaluationOptions, evaluate
 from evaluation.refit import add_film_checks
+from evaluation.stability import stability_of_package
 from models.config import ConfigError, DataConfig, TrainConfig, load_config
 from models.dataset import VALIDATION_SCHEMES, load_splits, summarize
 from models.download import download_medmnist, unpack_zip
@@ -80,8 +82,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         model_dir, produced_by = args.model, None
     options = EvaluationOptions(args.target_sensitivity, args.threshold_rule, not args.no_calibration, args.ood_method,
-                                args.ood_quantile, not args.no_film_checks)
+                                args.ood_quantile, not args.no_film_checks, not args.no_stability)
     evaluate(model_dir, args.data, args.reports, args.artifacts, args.name, options=options, produced_by=produced_by)
+    return 0
+
+
+def _stability(args: argparse.Namespace) -> int:
+    figures = stability_of_package(args.package, args.data, tuple(args.split or ["val"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
 
@@ -179,6 +188,20 @@ def _add_model_commands(commands) -> None:
     evaluate.add_argument("--name", help="report name (default: <family>-<trial>, ensembleN-<best trial>, "
                           "or the training config's name)")
     evaluate.set_defaults(handler=_evaluate)
+
+    evaluate.add_argument("--no-stability", action="store_true",
+                          help="skip the stability measurement (default: every validation and test film re-encoded six "
+                               "benign ways, |change in P| and label flips reported)")
+
+    stability = commands.add_parser(
+        "stability", help="how far a package's answers move when the same films are re-encoded benignly (PNG of "
+                          "Pillow's pixels, JPEG q95/q85, +-1 grey level, 2 %% resize); reads images, no labels")
+    stability.add_argument("--package", required=True, help="the package (artifacts/VERSION)")
+    stability.add_argument("--data", help="the data it was trained on (default: its config's data.path)")
+    stability.add_argument("--split", action="append", choices=("val", "test"),
+                           help="which films (repeatable; default: val)")
+    stability.add_argument("--json", help="also write the figures to this file")
+    stability.set_defaults(handler=_stability)
 
     checks = commands.add_parser(
         "add-film-checks", help="give a package made before the film checks existed its checks (blank, too small, "

@@ -19,6 +19,7 @@ from models.calibration import Calibration, fit_platt
 from models.config import TrainConfig, from_dict
 from models.dataset import DataSplits, Split, load_splits, stratified_subset
 from evaluation.films import fit_checks
+from evaluation.stability import stability_report
 from models.errors import PneumoniaError
 from models.film_checks import FilmChecks
 from models.ood import OodGate, OodScorer, fit_gate, with_embedding
@@ -56,6 +57,7 @@ class EvaluationOptions:
     ood_method: str = "mahalanobis"  # see models.ood; "none" = no gate
     ood_quantile: float = 0.995  # the gate's threshold: this quantile of the validation films' scores
     film_checks: bool = True  # checks before the model (models.film_checks), fitted on training films
+    stability: bool = True  # re-encode every validation and test film benignly; report how far P moves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,8 +242,12 @@ def evaluate(
     report = build_report(name, splits, scores, described)
     if ood is not None or checks is not None:
         report["ood"] = ood_report(served, splits, metadata.input, scores, ood, checks)
-    out = write_report(report, splits, scores, Path(reports_dir) / name)
     package_dir = export_package(source_dir, metadata, report, Path(artifacts_dir), scores.calibration, ood, checks)
+    if options.stability:
+        evaluated = metadata.replace(threshold=scores.threshold, calibration=scores.calibration)
+        command = f"pneumonia stability --package {display_path(package_dir)} --split val --split test"
+        report["stability"] = stability_report(served, evaluated, [splits.val, splits.test], command, log)
+    out = write_report(report, splits, scores, Path(reports_dir) / name)
     test = report["test"]
     log(f"test ({len(splits.test)} images): accuracy {test['accuracy']:.4f}, AUC {test['auc']:.4f}, "
         f"sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}")

@@ -175,6 +175,23 @@ def ood_lines(report: dict) -> list[str]:
     return lines + [""]
 
 
+def stability_lines(report: dict) -> list[str]:
+    """How far P moves when the same film is re-encoded benignly, per split and perturbation."""
+    stability = report.get("stability")
+    if not stability:
+        return []
+    lines = ["## Stable answers", "",
+             "Every film re-encoded in ways a reader would not see, each version sent through the endpoint's own "
+             "path; the change in P(pneumonia) against the film's own bytes, and the labels that flip at the "
+             f"threshold. Reproduce: `{stability['command']}`.", "",
+             "| films | re-encoding | mean abs(dP) | p99 abs(dP) | max abs(dP) | label flips |", "|---|---|---|---|---|---|"]
+    for split, measured in stability["splits"].items():
+        for name, row in measured["perturbations"].items():
+            lines.append(f"| {split} ({measured['films']}) | {name} | {row['mean']:.3g} | {row['p99']:.3g} | "
+                         f"{row['max']:.3g} | {row['flips']} |")
+    return lines + [""]
+
+
 def data_lines(report: dict) -> list[str]:
     counts = report["counts"]
     return [
@@ -243,6 +260,7 @@ def render(report: dict) -> str:
         *result_lines(report),
         *subgroup_lines(report.get("subgroups", {})),
         *ood_lines(report),
+        *stability_lines(report),
         *data_lines(report),
         *model_lines(report),
         *LIMITATIONS,

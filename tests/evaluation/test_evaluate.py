@@ -165,6 +165,45 @@ def test_evaluate_writes_report_plots_predictions_and_package(trained, mendeley_
     assert (package / "model.keras").read_bytes() == (trained / "model.keras").read_bytes()
 
 
+def test_every_evaluation_measures_how_far_answers_move_when_films_are_re_encoded(trained, mendeley_dir, tmp_path):
+    from evaluation.stability import PERTURBATIONS
+
+    report, report_dir = _evaluate(trained, mendeley_dir, tmp_path)
+    stability = report["stability"]
+    assert set(stability["splits"]) == {"val", "test"} and stability["splits"]["test"]["films"] == 16
+    for measured in stability["splits"].values():
+        assert set(measured["perturbations"]) == set(PERTURBATIONS)
+        for row in measured["perturbations"].values():
+            assert 0 <= row["mean"] <= row["p99"] <= row["max"] <= 1 and 0 <= row["flips"] <= measured["films"]
+    assert "## Stable answers" in (report_dir / "report.md").read_text()
+    # the command the report names gives the same figures for an exported package
+    (package,) = (tmp_path / "artifacts").iterdir()
+    out = tmp_path / "stability.json"
+    assert main(["stability", "--package", str(package), "--data", str(mendeley_dir), "--split", "test",
+                 "--json", str(out)]) == 0
+    again = json.loads(out.read_text())["splits"]["test"]["perturbations"]
+    for name, row in stability["splits"]["test"]["perturbations"].items():
+        assert again[name]["flips"] == row["flips"] and again[name]["max"] == pytest.approx(row["max"], abs=1e-6)
+
+
+def test_re_encodings_change_what_they_say_and_nothing_else():
+    import io
+
+    from evaluation.stability import perturbed
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(1, 255, (40, 50), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    versions = {name: np.asarray(Image.open(io.BytesIO(data))) for name, data in perturbed(buffer.getvalue()).items()}
+    np.testing.assert_array_equal(versions["png (Pillow's pixels)"], pixels)
+    np.testing.assert_array_equal(versions["+1 grey level"], pixels + 1)
+    np.testing.assert_array_equal(versions["-1 grey level"], pixels - 1)
+    assert versions["resize 2 %"].shape == (41, 51)
+    for quality in ("jpeg q95", "jpeg q85"):
+        assert versions[quality].shape == pixels.shape and not np.array_equal(versions[quality], pixels)
+
+
 def test_threshold_never_depends_on_test_labels(trained, mendeley_dir, tmp_path):
     first, _ = _evaluate(trained, mendeley_dir, tmp_path / "a")
     swapped = tmp_path / "swapped"
@@ -284,3 +323,6 @@ def test_evaluation_of_a_tiny_real_model_covers_all_624_test_images(real_data, t
     assert sum(ood["film_checks"]["test_refused"].values()) <= 0.02 * 624
     kinds = {row["kind"]: row for row in ood["kinds"]}
     assert all(kinds[kind]["by_checks"] >= 0.95 for kind in ("blank", "tiny", "strip", "inverted")), kinds
+    # stability: one grey level on every pixel moves a real model's answers, and the measurement sees it
+    moved = report["stability"]["splits"]["test"]["perturbations"]
+    assert report["stability"]["splits"]["test"]["films"] == 624 and moved["+1 grey level"]["mean"] > 0

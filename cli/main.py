@@ -14,8 +14,7 @@ from pathlib import Path
 
 from cli.run import run_end_to_end
 from evaluation.evaluate import EvaluationOptions, evaluate
-from evaluation.refit import add_film_checks
-from evaluation.stability import stability_of_package
+from evaluation.exported import add_film_checks, stability_of_package
 from models.config import ConfigError, DataConfig, TrainConfig, load_config
 from models.dataset import VALIDATION_SCHEMES, load_splits, summarize
 from models.download import download_medmnist, unpack_zip

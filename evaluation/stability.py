@@ -111,20 +111,3 @@ def stability_report(model, metadata, splits: list[Split], command: str, log: Ca
     """``report.json``'s ``stability``: per split, per perturbation; ``command`` reproduces it."""
     return {"command": command, "perturbations": PERTURBATIONS,
             "splits": {split.name: measure(model, metadata, split, log) for split in splits}}
-
-
-def stability_of_package(package: str | Path, data: str | None = None, split_names: tuple[str, ...] = ("val",),
-                         log: Callable[[str], None] = print) -> dict:
-    """``pneumonia stability``: the measurement for an exported package, on its data's ``split_names``."""
-    from evaluation.evaluate import load_evaluation_data
-    from models.config import TrainConfig, from_dict
-    from models.ood import with_embedding
-    from models.package import load_model_dir
-    from models.runtime import configure_tensorflow
-
-    configure_tensorflow(0, "float32")
-    model, metadata = load_model_dir(package)
-    splits = load_evaluation_data(from_dict(TrainConfig, metadata.config), data, metadata.data.get("fingerprint"))
-    chosen = [getattr(splits, name) for name in split_names]
-    command = f"pneumonia stability --package {package} " + " ".join(f"--split {name}" for name in split_names)
-    return stability_report(with_embedding(model), metadata, chosen, command, log)

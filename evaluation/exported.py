@@ -1,9 +1,13 @@
-"""``pneumonia add-film-checks``: a package made before the checks before the model existed gets them, fitted
-on its training films, without another read of the test split.
+"""Commands on an exported package that need no new read of the test split's labels.
 
-The model, threshold, calibration, gate and test metrics are kept byte for byte; the new version
-(``VERSION-checks``) differs only by ``film_checks`` in its metadata. Its report is the old one: refusal rates
-on test films come with the next pre-registered evaluation.
+``pneumonia add-film-checks``: a package made before the checks before the model existed gets them, fitted
+on its training films, without another read of the test split. The model, threshold, calibration, gate and
+test metrics are kept byte for byte; the new version (``VERSION-checks``) differs only by ``film_checks`` in
+its metadata. Its report is the old one: refusal rates on test films come with the next pre-registered
+evaluation.
+
+``pneumonia stability``: how far a package's answers move when its films are re-encoded
+(``evaluation.stability``), on the images of a split, no labels read.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ from pathlib import Path
 
 from evaluation.evaluate import EvaluationError, EvaluationOptions, fit_film_checks, load_evaluation_data
 from evaluation.films import split_refusals
+from evaluation.stability import stability_report
 from models.config import TrainConfig, from_dict
-from models.package import load_ood_scorer, read_metadata, utc_now, verify_model_dir, write_package
+from models.ood import with_embedding
+from models.package import load_model_dir, load_ood_scorer, read_metadata, utc_now, verify_model_dir, write_package
+from models.runtime import configure_tensorflow
 
 
 def add_film_checks(package_dir: str | Path, data: str | None = None, artifacts_dir: str | Path = "artifacts",
@@ -41,3 +48,14 @@ def add_film_checks(package_dir: str | Path, data: str | None = None, artifacts_
     out = write_package(package_dir, updated, Path(artifacts_dir) / version, load_ood_scorer(package_dir, metadata))
     log(f"package: {out}")
     return out
+
+
+def stability_of_package(package: str | Path, data: str | None = None, split_names: tuple[str, ...] = ("val",),
+                         log: Callable[[str], None] = print) -> dict:
+    """``pneumonia stability``: the measurement for an exported package, on its data's ``split_names``."""
+    configure_tensorflow(0, "float32")
+    model, metadata = load_model_dir(package)
+    splits = load_evaluation_data(from_dict(TrainConfig, metadata.config), data, metadata.data.get("fingerprint"))
+    chosen = [getattr(splits, name) for name in split_names]
+    command = f"pneumonia stability --package {package} " + " ".join(f"--split {name}" for name in split_names)
+    return stability_report(with_embedding(model), metadata, chosen, command, log)

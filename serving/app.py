@@ -4,8 +4,9 @@
     serve deploy serving/config.yaml           # its args are ServeSettings (serving/settings.py)
 
 The request handling lives in ``serving.service`` (plain Python); this module adds what only Serve does:
-``@serve.batch`` around the model call, autoscaling, health checks, and hot swaps of the package through
-the deployment's ``user_config`` (``reconfigure``).
+``@serve.batch`` around the model call, autoscaling, a bounded queue (``max_queued_requests``: past it Serve
+answers 503 with ``Retry-After`` before the request reaches the replica), health checks, hot swaps of the
+package through the deployment's ``user_config`` (``reconfigure``), and the metrics (``serving.metrics``).
 
 (No ``from __future__ import annotations`` here: FastAPI must see the route parameters' real types.)
 """
@@ -13,19 +14,22 @@ the deployment's ``user_config`` (``reconfigure``).
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
 from models.runtime import configure_tensorflow
+from serving.metrics import EndpointMetrics
 from serving.schema import PREDICT_REQUEST, Health, Metadata, Prediction, errors
 from serving.service import ClassifierService, Refused
 from serving.settings import AUTOSCALING, ServeSettings
 
+MAX_BATCH = 32
 api = FastAPI(title="Pneumonia classifier", description="Chest X-ray pneumonia classification (research use only).")
 
 
@@ -34,9 +38,8 @@ def page_html() -> str:
     return (Path(__file__).parent / "static" / "index.html").read_text()
 
 
-@serve.deployment(
+@serve.deployment(  # replicas, CPUs, the queue's bound and autoscaling: ServeSettings.deployment_options
     ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=32,
     autoscaling_config=AUTOSCALING,
     health_check_period_s=10,
 )
@@ -50,6 +53,10 @@ class Classifier:
         cpus = int(os.environ.get("OMP_NUM_THREADS") or 1)  # Ray sets it to the replica's num_cpus
         configure_tensorflow(cpus, "float32")
         self.service = ClassifierService(settings)
+        self.metrics = EndpointMetrics(serve.get_replica_context().app_name)
+        # a batch never holds more than the requests the replica takes at once: with a full one it need not
+        # wait out batch_wait_timeout_s for requests Serve will not let in
+        self._predict_batch.set_max_batch_size(min(MAX_BATCH, settings.max_ongoing_requests))
 
     def reconfigure(self, user_config: dict) -> None:
         """Load (or swap to) the package at ``user_config['package']``; checksums verified, safe mode."""
@@ -58,9 +65,17 @@ class Classifier:
     def check_health(self) -> None:
         self.service.check_health()
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    def __del__(self) -> None:  # Serve calls it when the replica shuts down
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+
+    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.005)
     async def _predict_batch(self, images: "list[np.ndarray]") -> "list[tuple[float, float | None, int]]":
-        return self.service.predict_batch(images)
+        start = time.perf_counter()
+        scored = self.service.predict_batch(images)
+        gate = self.service.loaded.metadata.ood
+        self.metrics.model_call(time.perf_counter() - start, scored, gate.threshold if gate else None)
+        return scored
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page(self) -> str:
@@ -87,7 +102,15 @@ class Classifier:
         try:
             result, batch_size = await self.service.predict(request, explain, self._predict_batch, force)
         except Refused as refused:
+            self.metrics.refused(refused.reason)
             return JSONResponse(refused.body, status_code=422)
+        except HTTPException as error:
+            self.metrics.failed(error.status_code)
+            raise
+        except Exception:
+            self.metrics.failed(500)
+            raise
+        self.metrics.labelled(result["label"], result["label"] == self.service.loaded.metadata.positive_class)
         response.headers["X-Batch-Size"] = str(batch_size)
         return result
 

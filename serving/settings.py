@@ -12,12 +12,18 @@ import ipaddress
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from models.errors import PneumoniaError
 
 TOKEN_ENV = "PNEUMONIA_API_TOKEN"
-AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16}
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 2}  # target_ongoing_requests: half of max_ongoing_requests
+# The queue's bound (BENCHMARKS.md, "Overload"): a replica works on MAX_ONGOING requests at once and lets MAX_QUEUED
+# more wait; past them Serve answers 503 with Retry-After at once. Every request admitted waits for those ahead of
+# it, so only a queue this shallow kept p99 near 2x an idle endpoint's under overload on 2 cores (1.4x at capacity,
+# 2.1x at 4x), at the price of small batches: 0.52x the requests/s of the unbounded queue of 32 at capacity.
+MAX_ONGOING = 3
+MAX_QUEUED = 1
 
 
 class ServeSettingsError(PneumoniaError, ValueError):
@@ -38,6 +44,18 @@ class ServeSettings(BaseModel):
     auth_token: str = Field("", repr=False, description=f"bearer token for /predict; empty = ${TOKEN_ENV}, or no auth")
     allow_unauthenticated: bool = Field(False, description="listen beyond loopback without a token (warned, also "
                                                            "in /metadata); refused otherwise")
+    max_ongoing_requests: int = Field(MAX_ONGOING, gt=0, description="requests a replica works on at once (reading, "
+                                                                     "decoding, in the model's batch)")
+    max_queued_requests: int = Field(MAX_QUEUED, ge=-1, description="requests waiting for a replica beyond those; past "
+                                                                    "them the endpoint answers 503 at once; -1 = no bound")
+    retry_after_s: float = Field(1.0, ge=0, description="the Retry-After header of that 503, in seconds (rounded up)")
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _positive_or_unbounded(cls, value: int) -> int:
+        if value == 0:  # Serve's own rule: 0 would refuse every request that finds the replica busy
+            raise ValueError("must be -1 (no bound) or at least 1")
+        return value
 
     @classmethod
     def parse(cls, args: dict[str, Any] | ServeSettings) -> ServeSettings:
@@ -82,12 +100,28 @@ class ServeSettings(BaseModel):
     def deployment_options(self) -> dict[str, Any]:
         """Serve options of the classifier deployment: replicas or autoscaling, CPUs, the package to load."""
         options: dict[str, Any] = {"user_config": {"package": self.package},
-                                   "ray_actor_options": {"num_cpus": self.num_cpus}}
+                                   "ray_actor_options": {"num_cpus": self.num_cpus},
+                                   "max_ongoing_requests": self.max_ongoing_requests,
+                                   "max_queued_requests": self.max_queued_requests,
+                                   "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s}}
         if self.replicas:
             options.update(num_replicas=self.replicas, autoscaling_config=None)
         else:
-            options["autoscaling_config"] = {**AUTOSCALING, **self.autoscaling}
+            options["autoscaling_config"] = self.autoscaling_config()
         return options
+
+    def autoscaling_config(self) -> dict[str, Any]:
+        """AUTOSCALING with ``autoscaling`` over it; the target half of ``max_ongoing_requests`` unless set."""
+        return {**AUTOSCALING, "target_ongoing_requests": self.max_ongoing_requests / 2, **self.autoscaling}
+
+    @model_validator(mode="after")
+    def _target_below_the_limit(self) -> ServeSettings:
+        """A replica never holds more than ``max_ongoing_requests``: a target at or above it never scales up."""
+        target = self.autoscaling_config()["target_ongoing_requests"]
+        if not self.replicas and target >= self.max_ongoing_requests:
+            raise ValueError(f"autoscaling.target_ongoing_requests ({target}) must be below max_ongoing_requests "
+                             f"({self.max_ongoing_requests}), or a replica never counts enough requests to scale up")
+        return self
 
 
 def is_loopback(host: str | None) -> bool:

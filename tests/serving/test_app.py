@@ -26,6 +26,9 @@ from tests.numerics import OOD_SCORE_REL, PROBABILITY_ABS
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-0123"
+# the endpoint before its queue was bounded: these tests send up to 32 requests at once and expect each answered
+# (the bound has its own test, test_every_metric_is_exported_where_ray_exports_its_own_and_a_full_queue_answers_503)
+UNBOUNDED = {"max_ongoing_requests": 32, "max_queued_requests": -1}
 TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8", "batch_size=8",
         "mixed_precision=float32", "epochs=1"]
 
@@ -79,7 +82,7 @@ def endpoint(package):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"package": str(package[0]), "max_body_bytes": 2_000_000, "max_pixels": 4_000_000,
-                             "auth_token": TOKEN}), name="pneumonia", route_prefix="/")
+                             "auth_token": TOKEN, **UNBOUNDED}), name="pneumonia", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         ray.shutdown()  # Serve goes with it; then the HAProxy it started, found by its config path
@@ -364,7 +367,7 @@ def test_autoscaling_grows_under_load_and_shrinks_after(endpoint, package):
 
     from serving.app import build_app
 
-    serve.run(build_app({"package": str(package[0]), "auth_token": TOKEN, "autoscaling": {
+    serve.run(build_app({"package": str(package[0]), "auth_token": TOKEN, **UNBOUNDED, "autoscaling": {
         "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2, "upscale_delay_s": 1,
         "downscale_delay_s": 3, "metrics_interval_s": 0.5, "look_back_period_s": 2}}), name="scale",
         route_prefix="/scale")
@@ -390,7 +393,7 @@ def test_killed_replica_costs_few_requests_and_serve_recovers(endpoint, package)
 
     from serving.app import build_app
 
-    serve.run(build_app({"package": str(package[0]), "auth_token": TOKEN, "replicas": 2}), name="kill",
+    serve.run(build_app({"package": str(package[0]), "auth_token": TOKEN, "replicas": 2, **UNBOUNDED}), name="kill",
               route_prefix="/kill")
     jpeg = next(Path(r["path"]) for r in csv.DictReader(open(package[1]))).read_bytes()
     stop, statuses = threading.Event(), []
@@ -466,6 +469,140 @@ def test_the_endpoint_refuses_what_the_evaluation_refused_for_the_same_reason_an
     serve.delete("gated")
 
 
+@pytest.fixture(scope="module")
+def gated_raw(package):
+    """The same model with the default gate and no calibration: Platt scaling on this tiny model puts every film
+    on one side of the threshold (see ``package``), and the metrics test needs both labels."""
+    root = package[0].parents[1]
+    assert main(["evaluate", "--model", str(root / "model"), "--reports", str(root / "raw-reports"),
+                 "--artifacts", str(root / "raw"), "--name", "raw", "--no-calibration"]) == 0
+    (pkg,) = (root / "raw").iterdir()
+    return pkg
+
+
+def _scrape(metrics_port: int, application: str) -> dict[str, list]:
+    """The samples of ``application`` on the node's metrics export port, by sample name: [(labels, value)]."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    samples: dict[str, list] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("application") == application:
+                samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def _total(samples: dict[str, list], name: str, **labels: str) -> float | None:
+    """The sum of ``name``'s samples whose labels include ``labels``; None when there is none."""
+    values = [value for sample_labels, value in samples.get(name, [])
+              if all(sample_labels.get(key) == wanted for key, wanted in labels.items())]
+    return sum(values) if values else None
+
+
+def _overload(url: str, image: bytes, outcomes, deadline: float) -> list[str]:
+    """Bursts of 16 concurrent requests of a slow-to-decode film at a replica that takes one at a time and
+    queues one, until one is turned away; the answers' outcomes go to ``outcomes``. Returns the 503s'
+    Retry-After headers."""
+    retry_after: list[str] = []
+    while not retry_after:
+        assert time.time() < deadline, "no 503 from a replica with max_ongoing_requests=1, max_queued_requests=1"
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda _: _post(url, image), range(16)))
+        for status, body, headers in answers:
+            if status == 503:
+                retry_after.append({k.lower(): v for k, v in headers.items()}.get("retry-after"))
+            else:
+                assert status in (200, 422), (status, body)
+                outcomes[body["label"] if status == 200 else body["reason"]] += 1
+    return retry_after
+
+
+def test_every_metric_is_exported_where_ray_exports_its_own_and_a_full_queue_answers_503(endpoint, package, gated_raw):
+    """An app of a gated package that works on one request at a time and queues one more gets requests of
+    every outcome: both labels, refusals, bad input, a wrong token, and bursts that overflow its queue (503
+    with Retry-After, at once). Then every metric is scraped from the node's metrics export port, as Prometheus
+    would, and each must say exactly what was sent; Ray exports every few seconds, so the test waits on that,
+    with a deadline."""
+    from collections import Counter
+    from itertools import chain
+
+    import ray
+    from ray import serve
+
+    from evaluation.ood_set import ood_images, read_gray
+    from evaluation.report import OOD_CHEST_FILMS
+    from models.dataset import load_splits
+    from serving.app import build_app
+
+    serve.run(build_app({"package": str(gated_raw), "auth_token": TOKEN, "replicas": 1, "max_ongoing_requests": 1,
+                         "max_queued_requests": 1, "retry_after_s": 2}), name="metered", route_prefix="/metered")
+    url = f"{endpoint}/metered"
+    outcomes: Counter = Counter()
+    try:
+        metadata = json.loads((gated_raw / "metadata.json").read_text())
+        splits = load_splits(metadata["config"]["data"]["path"])
+        for image in ood_images(read_gray(splits.val.paths[:OOD_CHEST_FILMS])):
+            status, body, _ = _post(url, image.png, "image/png")
+            assert status in (200, 422), (image.name, status, body)
+            outcomes[body["label"] if status == 200 else body["reason"]] += 1
+        with open(package[1]) as f:
+            test_films = [row["path"] for row in csv.DictReader(f)]
+        for path in chain(test_films, splits.val.paths, splits.train.paths):  # until both labels were answered
+            if {"NORMAL", "PNEUMONIA"} <= set(outcomes):
+                break
+            status, body, _ = _post(url, Path(path).read_bytes())
+            assert status in (200, 422), body  # the tiny model's gate refuses some films too
+            outcomes[body["label"] if status == 200 else body["reason"]] += 1
+        assert {"NORMAL", "PNEUMONIA"} <= set(outcomes), f"one label only from every film: {outcomes}"
+        assert outcomes["ood_gate"] >= 1, outcomes
+        assert _post(url, b"not an image")[0] == 400 and _post(url, b"x", "text/plain")[0] == 415
+        outcomes["bad_input"] += 2
+        assert _post(url, b"x", token="wrong-token")[0] == 401
+        outcomes["unauthorized"] += 1
+        large = io.BytesIO()
+        Image.open(test_films[0]).resize((2000, 2000)).save(large, format="JPEG", quality=95)
+        retry_after = _overload(url, large.getvalue(), outcomes, time.time() + 300)
+        assert set(retry_after) == {"2"}
+
+        labelled = outcomes["NORMAL"] + outcomes["PNEUMONIA"]
+        refused = sum(count for outcome, count in outcomes.items()
+                      if outcome not in ("NORMAL", "PNEUMONIA", "bad_input", "unauthorized"))
+        scored = labelled + outcomes["ood_gate"]  # refusals before the model never reach it
+        expected = {("ray_pneumonia_requests_total", outcome): count for outcome, count in outcomes.items()}
+        expected.update({("ray_pneumonia_batch_size_count", None): scored,  # one request at a time: batches of 1
+                         ("ray_pneumonia_batch_size_bucket", "1.0"): scored,
+                         ("ray_pneumonia_ood_score_relative_count", None): scored,
+                         ("ray_pneumonia_ood_score_relative_bucket", "1.0"): labelled,  # none forced: <= 1 all labelled
+                         ("ray_pneumonia_refusal_share", None): pytest.approx(refused / (labelled + refused)),
+                         ("ray_pneumonia_positive_share", None): pytest.approx(outcomes["PNEUMONIA"] / labelled)})
+        metrics_port = ray.nodes()[0]["MetricsExportPort"]
+
+        def differences() -> list[str]:
+            samples = _scrape(metrics_port, "metered")
+            found = {}
+            for name, label in expected:
+                key = "outcome" if name.endswith("requests_total") else "le"
+                found[name, label] = _total(samples, name, **({key: label} if label else {}))
+            wrong = [f"{name}{{{label or ''}}} = {found[name, label]}, expected {value}"
+                     for (name, label), value in expected.items() if found[name, label] != value]
+            calls = _total(samples, "ray_pneumonia_model_call_latency_ms_count")
+            if calls != scored:
+                wrong.append(f"model calls timed {calls}, expected {scored}")
+            if not _total(samples, "ray_serve_num_http_requests_total", status_code="503"):  # Serve's own count
+                wrong.append("no 503 in ray_serve_num_http_requests_total")
+            return wrong
+
+        deadline, wrong = time.time() + 180, differences()
+        while wrong and time.time() < deadline:
+            time.sleep(1)
+            wrong = differences()
+        assert not wrong, wrong
+    finally:
+        serve.delete("metered")
+
+
 def test_the_openapi_contract_holds_under_schemathesis(endpoint, tmp_path):
     """schemathesis' stateless checks against the live endpoint, a bounded number of examples per operation,
     with the bearer header. positive_data_acceptance is left out: a schema cannot say "a decodable X-ray",
@@ -516,7 +653,7 @@ def test_new_package_swaps_the_model_on_live_replicas_without_failed_requests(en
     try:
         _wait_for(lambda: len(statuses) >= 8, "load on the first package")
         serve.run(build_app({"package": str(second), "max_body_bytes": 2_000_000, "max_pixels": 4_000_000,
-                             "auth_token": TOKEN}), name="pneumonia", route_prefix="/")
+                             "auth_token": TOKEN, **UNBOUNDED}), name="pneumonia", route_prefix="/")
         _wait_for(lambda: second.name in versions, "answers from the second package")
         swapped = len(statuses)
         _wait_for(lambda: len(statuses) >= swapped + 8, "load on the second package")

@@ -103,24 +103,31 @@ def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     return {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v > 0.05}
 
 
-def ceiling(package: str, image_path: Path, seconds: float, batch: int = 32) -> dict:
-    """Decode + preprocess + model on full batches, in this process: all of a request's work minus HTTP."""
-    import numpy as np
+def post_script(directory: Path, image: Path) -> Path:
+    """``wrk``'s Lua script posting ``image``, written into ``directory``."""
+    script = directory / "post.lua"
+    script.write_text(LUA.replace("{image}", str(image)))
+    return script
 
-    from models.package import load_model_dir
+
+def ceiling(package: str, image_path: Path, seconds: float, batch: int = 32) -> dict:
+    """Decode + preprocess + the replica's own model call (``serving.service.LoadedPackage``: the runtime the
+    package records, or ``$PNEUMONIA_INFERENCE_RUNTIME``) on full batches, in this process: all of a request's
+    work minus HTTP."""
+    from benchmarks.inference_runtimes import ceiling_rate
     from models.runtime import configure_tensorflow
     from serving.decode import decode_request
+    from serving.service import LoadedPackage
 
     configure_tensorflow(0, "float32")
-    model, metadata = load_model_dir(package)
-    size = metadata.image_size
-    body = image_path.read_bytes()
-    model.predict_on_batch(np.stack([decode_request(body, "image/jpeg", size, 40_000_000, metadata.input.intensity)] * batch))
-    images, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        model.predict_on_batch(np.stack([decode_request(body, "image/jpeg", size, 40_000_000, metadata.input.intensity) for _ in range(batch)]))
-        images += batch
-    return {"images_per_sec": images / (time.perf_counter() - start), "batch": batch}
+    served = LoadedPackage(package)
+    contract = served.metadata.input
+
+    def decode(body: bytes):
+        return decode_request(body, "image/jpeg", contract.image_size, 40_000_000, contract.intensity)
+
+    rate = ceiling_rate(served.model.predict_on_batch, decode, image_path.read_bytes(), seconds, batch)
+    return {"images_per_sec": rate, "batch": batch, "runtime": getattr(served.model, "runtime", "keras")}
 
 
 def serve_command(package: str, port: int, settings: dict | None = None) -> list[str]:
@@ -200,12 +207,12 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict = {"machine": f"{os.cpu_count()} CPUs", "seconds": args.seconds, "replica_cpus": args.replica_cpus}
     with tempfile.TemporaryDirectory() as tmp:
-        script = Path(tmp) / "post.lua"
-        script.write_text(LUA.replace("{image}", str(image)))
+        script = post_script(Path(tmp), image)
 
         # (c) the ceiling, alone on the machine
         results["ceiling"] = ceiling(package, image, args.seconds)
-        print(f"ceiling (in-process, batches of 32): {results['ceiling']['images_per_sec']:.1f} images/s", flush=True)
+        print(f"ceiling (in-process, batches of 32, {results['ceiling']['runtime']}): "
+              f"{results['ceiling']['images_per_sec']:.1f} images/s", flush=True)
 
         # (a) the Serve endpoint, in a child process so that its Ray is stopped with it
         def serve_server(extra_env: dict) -> tuple[list[str], int, dict]:

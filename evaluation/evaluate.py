@@ -22,6 +22,7 @@ from evaluation.films import fit_checks
 from evaluation.stability import stability_report
 from models.errors import PneumoniaError
 from models.film_checks import FilmChecks
+from models.inference import Predictor, batch_predictor
 from models.ood import OodGate, OodScorer, fit_gate, with_embedding
 from models.package import PackageMetadata, file_sha256, load_model_dir, package_versions, write_package
 from models.paths import display_path
@@ -77,18 +78,26 @@ class Scores:
     test_embeddings: np.ndarray
 
 
-def predict_with_embedding(model, split: Split, contract: InputContract) -> tuple[np.ndarray, np.ndarray]:
-    """The model's P(PNEUMONIA) and embedding (``models.ood.with_embedding``) for every image of ``split``, in
-    order, through the shared preprocessing."""
+def predict_with_embedding(model: Predictor, split: Split, contract: InputContract) -> tuple[np.ndarray, np.ndarray]:
+    """The model's P(PNEUMONIA) and embedding for every image of ``split``, in order, through the shared
+    preprocessing. ``model``: :func:`served_model`'s, or anything with Keras' ``predict_on_batch`` and those two
+    outputs."""
     dataset = make_dataset(split, contract.image_size, PREDICT_BATCH_SIZE, intensity=contract.intensity)
     outputs = [model.predict_on_batch(x) for x, _ in dataset]
     return (np.concatenate([np.asarray(p).reshape(-1) for p, _ in outputs]),
             np.concatenate([np.asarray(e) for _, e in outputs]))
 
 
+def served_model(model) -> Predictor:
+    """What the endpoint calls for a Keras classifier: probability and embedding in one pass
+    (``models.ood.with_embedding``), run by the runtime the endpoint runs (``models.inference``), so the
+    threshold, calibration and OOD gate fitted here hold for the served numbers."""
+    return batch_predictor(with_embedding(model))
+
+
 def predict_split(model, split: Split, contract: InputContract) -> np.ndarray:
     """The model's P(PNEUMONIA) for every image of ``split``, in order, through the shared preprocessing."""
-    return predict_with_embedding(with_embedding(model), split, contract)[0]
+    return predict_with_embedding(served_model(model), split, contract)[0]
 
 
 def default_name(config: TrainConfig, produced_by: dict) -> str:
@@ -184,9 +193,9 @@ def fit_film_checks(splits: DataSplits, contract: InputContract, options: Evalua
 
 def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, artifacts_dir: Path,
                    calibration: Calibration | None, ood: tuple[OodScorer, OodGate] | None,
-                   checks: FilmChecks | None = None) -> Path:
+                   checks: FilmChecks | None = None, inference: str = "keras") -> Path:
     """``artifacts/VERSION``: the evaluated model byte for byte, with the threshold, calibration, OOD gate
-    and test metrics."""
+    and test metrics; its ``runtime`` says which inference runtime computed them (``models.inference``)."""
     created = datetime.now(timezone.utc)
     version = f"{report['name']}-{created:%Y%m%d%H%M%S}"
     test = report["test"]
@@ -204,7 +213,7 @@ def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, ar
         source={**report["model"]["produced_by"], "model_sha256": report["model"]["sha256"]},
         data=report["data"],
         history=[],
-        runtime={},
+        runtime={"inference": inference},
         versions=package_versions(),
     )
     return write_package(source_dir, package, artifacts_dir / version, None if ood is None else ood[0])
@@ -227,7 +236,7 @@ def evaluate(
     source_dir = Path(model_dir)
     produced_by = produced_by or {"kind": "model directory", "path": display_path(model_dir)}
     model, metadata = load_model_dir(source_dir)
-    served = with_embedding(model)  # what the endpoint calls: probability and embedding in one pass
+    served = served_model(model)
     config = from_dict(TrainConfig, metadata.config)
     name = name or default_name(config, produced_by)
     splits = load_evaluation_data(config, data, metadata.data.get("fingerprint"))
@@ -242,7 +251,8 @@ def evaluate(
     report = build_report(name, splits, scores, described)
     if ood is not None or checks is not None:
         report["ood"] = ood_report(served, splits, metadata.input, scores, ood, checks)
-    package_dir = export_package(source_dir, metadata, report, Path(artifacts_dir), scores.calibration, ood, checks)
+    package_dir = export_package(source_dir, metadata, report, Path(artifacts_dir), scores.calibration, ood, checks,
+                                 served.runtime)
     if options.stability:
         evaluated = metadata.replace(threshold=scores.threshold, calibration=scores.calibration)
         command = f"pneumonia stability --package {display_path(package_dir)} --split val --split test"

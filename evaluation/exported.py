@@ -20,6 +20,7 @@ from evaluation.evaluate import EvaluationError, EvaluationOptions, fit_film_che
 from evaluation.films import split_refusals
 from evaluation.stability import stability_report
 from models.config import TrainConfig, from_dict
+from models.inference import batch_predictor, recorded_runtime
 from models.ood import with_embedding
 from models.package import load_model_dir, load_ood_scorer, read_metadata, utc_now, verify_model_dir, write_package
 from models.runtime import configure_tensorflow
@@ -58,4 +59,5 @@ def stability_of_package(package: str | Path, data: str | None = None, split_nam
     splits = load_evaluation_data(from_dict(TrainConfig, metadata.config), data, metadata.data.get("fingerprint"))
     chosen = [getattr(splits, name) for name in split_names]
     command = f"pneumonia stability --package {package} " + " ".join(f"--split {name}" for name in split_names)
-    return stability_report(with_embedding(model), metadata, chosen, command, log)
+    served = batch_predictor(with_embedding(model), recorded_runtime(metadata.runtime))  # as the endpoint runs it
+    return stability_report(served, metadata, chosen, command, log)

@@ -82,7 +82,7 @@ class PackageMetadata:
     created_at: str
     version: str = ""  # set when evaluation exports a deployable package
     data: dict = dataclasses.field(default_factory=dict)  # source, layout, fingerprints, counts
-    runtime: dict = dataclasses.field(default_factory=dict)  # threads and precision of training
+    runtime: dict = dataclasses.field(default_factory=dict)  # training: threads, precision; package: inference runtime
     best_epoch: int | None = None
     validation: dict = dataclasses.field(default_factory=dict)  # metrics at the best epoch
     history: list[dict] = dataclasses.field(default_factory=list)

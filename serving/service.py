@@ -9,6 +9,7 @@ import asyncio
 import base64
 import dataclasses
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from fastapi import HTTPException, Request
 
 from models.film_checks import REASONS, FilmChecks, NotAFilm
 from models.gradcam import gradcam
+from models.inference import batch_predictor, recorded_runtime
 from models.ood import OodScorer, with_embedding
 from models.package import PackageMetadata, load_model_dir, load_ood_scorer
 from serving.decode import ACCEPTED_TYPES, InvalidImage, decode_request, sniff_content_type
@@ -27,6 +29,7 @@ from serving.settings import ServeSettings
 Loader = Callable[[str], tuple[Any, PackageMetadata, OodScorer | None]]  # package -> (model, metadata, gate)
 Scored = tuple[float, float | None, int]  # (probability, OOD score or None, batch size)
 BatchedCall = Callable[[np.ndarray], Awaitable[Scored]]
+log = logging.getLogger(__name__)
 NO_GATE = {"method": None, "note": "no out-of-distribution gate: this package was made before packages carried one; "
                                    "every decodable image is classified"}
 
@@ -76,13 +79,20 @@ def film_checks_info(checks: FilmChecks | None) -> dict[str, Any] | None:
 
 class LoadedPackage:
     """A verified model package in memory: the model (with its embedding output when the package has an OOD
-    gate, so one call gives both), its metadata, its gate, and what every answer reports."""
+    gate, so one call gives both) run by the runtime that computed the package's numbers (``models.inference``:
+    ONNX Runtime for a package evaluated with it, Keras for one made before packages recorded it), its metadata,
+    its gate, and what every answer reports. Grad-CAM needs gradients, so it runs the Keras classifier itself."""
 
     def __init__(self, package: str, loader: Loader = load_package):
         self.classifier, self.metadata, self.scorer = loader(package)
-        self.model = self.classifier  # what a batch goes through
-        if self.scorer is not None:
-            self.model = with_embedding(self.classifier)
+        # what a batch goes through: the package's runtime, unless $PNEUMONIA_INFERENCE_RUNTIME says otherwise
+        evaluated = recorded_runtime(self.metadata.runtime)
+        self.model = batch_predictor(self.classifier if self.scorer is None else with_embedding(self.classifier),
+                                     evaluated)
+        served = getattr(self.model, "runtime", evaluated)
+        if served.split()[0] != evaluated:
+            log.warning(f"{package}: its numbers came from {evaluated}, it is served by {served}: the served numbers "
+                        f"differ from the evaluated ones by that runtime's rounding (models/inference.py)")
         size = self.metadata.image_size
         self.predict([np.zeros((size, size, 1), np.float32)])  # warm up before taking traffic
         self.version = self.metadata.version or Path(str(package).rstrip("/")).name

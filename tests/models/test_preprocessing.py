@@ -135,3 +135,15 @@ def test_cue_breaking_augmentations_change_what_they_claim():
         assert not np.allclose(out, images.numpy()), amounts
     with pytest.raises(ValueError, match=">= 0"):
         Augmentation(gamma=-0.1)
+
+
+@pytest.mark.parametrize("shape, dtype", [((50, 40), np.uint8), ((37, 61, 1), np.uint16), ((224, 224, 3), np.float32),
+                                          ((90, 120, 4), np.uint8), ((300, 200, 3), np.uint8)])
+def test_one_image_as_a_graph_is_the_eager_preprocessing_bit_for_bit(shape, dtype):
+    from models.preprocessing import preprocess_one
+
+    rng = np.random.default_rng(sum(shape))
+    image = rng.random(shape, dtype=np.float32) if dtype == np.float32 else \
+        rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+    for size in (32, 96):
+        np.testing.assert_array_equal(preprocess_one(image, size).numpy(), preprocess(image, size).numpy())

@@ -248,3 +248,38 @@ def test_the_gate_refuses_with_422_unless_forced_and_every_answer_carries_the_sc
     assert answer["out_of_distribution"] is True and answer["ood_score"] == pytest.approx(body["ood_score"])
     assert _predict(service, _png(5), {"content-type": "image/png"})["label"] == "NORMAL"  # it answers after
     assert service.info()["ood"]["method"] == "msp" and service.info()["ood"]["threshold"] == -0.9
+
+
+@pytest.mark.parametrize("recorded, runtime", [({"inference": "onnxruntime 1.32.0, 2 threads"}, "onnxruntime"),
+                                               ({}, "keras")])
+def test_a_package_is_served_by_the_runtime_that_computed_its_numbers(recorded, runtime, caplog):
+    """A package the evaluation scored with ONNX Runtime is served with it; one made before packages recorded
+    their runtime, by Keras, which scored it. The answers are the model's either way."""
+    from models.config import ModelConfig
+    from models.networks import build_model
+    from models.ood import with_embedding
+
+    model = build_model(ModelConfig(family="cnn", image_size=SIZE, depth=2, base_filters=4, dense_units=8))
+    metadata = PackageMetadata.for_training({}, SIZE).replace(version="v", threshold=0.5, runtime=recorded)
+    service = ClassifierService(ServeSettings(package="r"), loader=lambda package: (model, metadata, OodScorer("msp")))
+    service.load("r")
+    assert service.loaded.model.runtime.split()[0] == runtime
+    assert "served by" not in caplog.text  # no warning: the runtime is the package's
+    images = [np.random.default_rng(i).random((SIZE, SIZE, 1), dtype=np.float32) for i in range(3)]
+    expected = with_embedding(model).predict_on_batch(np.stack(images))[0].reshape(-1)
+    assert [p for p, _, _ in service.predict_batch(images)] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+def test_serving_a_package_by_another_runtime_than_its_own_is_logged(monkeypatch, caplog):
+    from models.config import ModelConfig
+    from models.networks import build_model
+
+    monkeypatch.setenv("PNEUMONIA_INFERENCE_RUNTIME", "keras")
+    model = build_model(ModelConfig(family="cnn", image_size=SIZE, depth=2, base_filters=4, dense_units=8))
+    metadata = PackageMetadata.for_training({}, SIZE).replace(version="v", threshold=0.5,
+                                                              runtime={"inference": "onnxruntime 1.32.0, 2 threads"})
+    service = ClassifierService(ServeSettings(package="r"), loader=lambda package: (model, metadata, None))
+    with caplog.at_level("WARNING", logger="serving.service"):
+        service.load("r")
+    assert service.loaded.model.runtime == "keras"
+    assert "its numbers came from onnxruntime, it is served by keras" in caplog.text

@@ -40,6 +40,9 @@ class DataConfig:
     augment_gamma: float = 0.0
     augment_blur: float = 0.0
     augment_noise: float = 0.0
+    # the share of training films re-encoded as JPEG at a random quality in [70, 100] each epoch: the benign
+    # re-encodings a film meets between a PACS and the endpoint should not move the answer (issue 21)
+    augment_jpeg: float = 0.0
     # per-film intensity normalisation in the one preprocessing function (models.preprocessing), recorded in
     # the package's input contract: none, percentile (1st-99th percentile stretch) or equalize (histogram)
     intensity: Literal["none", "percentile", "equalize"] = "none"
@@ -51,10 +54,12 @@ class DataConfig:
         if not 0.0 < self.val_fraction <= 0.5:
             raise ConfigError(f"val_fraction must lie in (0, 0.5], got {self.val_fraction}")
         amounts = {name: getattr(self, name) for name in ("augment", "augment_black_level", "augment_gamma",
-                                                           "augment_blur", "augment_noise")}
+                                                           "augment_blur", "augment_noise", "augment_jpeg")}
         for name, value in amounts.items():
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
+        if self.augment_jpeg > 1:
+            raise ConfigError(f"augment_jpeg is a share of films, at most 1, got {self.augment_jpeg}")
         if self.augment_black_level >= 1:
             raise ConfigError(f"augment_black_level must be < 1, got {self.augment_black_level}")
         if self.max_train_images < 0 or self.max_val_images < 0:
@@ -120,6 +125,10 @@ class TrainConfig:
     # fine-tuning every layer of a pretrained network does not start with its largest steps on a fresh head
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    # > 0: the weights validated, kept and exported are an exponential moving average of the trained ones
+    # (Keras' optimizer ``use_ema``; 0.99 averages about the last 100 steps), which moves less between
+    # neighbouring inputs than the last step's weights; 0 = off
+    ema_momentum: float = 0.0
     mixed_precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = 0  # TF intra-op threads; 0 = the CPUs this process is given
     seed: int = 42
@@ -132,6 +141,8 @@ class TrainConfig:
             raise ConfigError("learning_rate must be > 0 and weight_decay >= 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ConfigError(f"ema_momentum must lie in [0, 1), got {self.ema_momentum}")
         if not 0.0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"warmup_epochs must lie in [0, epochs={self.epochs}), got {self.warmup_epochs}")
         if self.warmup_epochs and self.lr_schedule != "cosine":

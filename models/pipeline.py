@@ -17,22 +17,47 @@ class Augmentation:
     the others break cues that differ between the classes of the training films but not in what they show:
     ``black_level`` lifts a film's black by up to that much (x -> b + (1 - b) x), ``gamma`` bends its tone
     curve (x -> x ** exp(u), |u| <= gamma), ``blur`` is the largest Gaussian sigma in pixels, ``noise`` the
-    standard deviation of added Gaussian noise."""
+    standard deviation of added Gaussian noise, ``jpeg`` the share of films re-encoded as JPEG at a random
+    quality in [``JPEG_QUALITY``] (before the others, as a film arrives re-encoded)."""
 
     strength: float = 0.0
     black_level: float = 0.0
     gamma: float = 0.0
     blur: float = 0.0
     noise: float = 0.0
+    jpeg: float = 0.0
 
     def __post_init__(self) -> None:
-        if min(dataclasses.astuple(self)) < 0:
-            raise ValueError(f"augmentation amounts must be >= 0, got {self}")
+        if min(dataclasses.astuple(self)) < 0 or self.jpeg > 1:
+            raise ValueError(f"augmentation amounts must be >= 0 (jpeg a share <= 1), got {self}")
 
     @classmethod
     def from_config(cls, data) -> Augmentation:
         """From a ``DataConfig``: ``augment`` and the ``augment_*`` amounts."""
-        return cls(data.augment, data.augment_black_level, data.augment_gamma, data.augment_blur, data.augment_noise)
+        return cls(data.augment, data.augment_black_level, data.augment_gamma, data.augment_blur, data.augment_noise,
+                   data.augment_jpeg)
+
+
+JPEG_QUALITY = (70, 100)
+
+
+def jpeg_reencode(share: float, seed: int):
+    """One film (S, S, 1) in [0, 1] -> with probability ``share``, the same film stored as 8-bit JPEG at a
+    random quality in ``JPEG_QUALITY`` and read back; else the film unchanged."""
+    import tensorflow as tf
+
+    generator = tf.random.Generator.from_seed(seed)
+
+    def apply(image):
+        chosen = generator.uniform(()) < share
+        quality = generator.uniform((), JPEG_QUALITY[0], JPEG_QUALITY[1] + 1, dtype=tf.int32)
+
+        def reencode():
+            return tf.image.adjust_jpeg_quality(tf.clip_by_value(image, 0.0, 1.0), quality)
+
+        return tf.cond(chosen, reencode, lambda: image)
+
+    return apply
 
 
 def tone_jitter(images, black_level: float, gamma: float, seed: int):
@@ -146,9 +171,12 @@ def make_dataset(
         examples = examples.take(len(split))
     else:
         examples = cached_examples(split).shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
-    batches = examples.batch(batch_size)
     augmentation = augment if isinstance(augment, Augmentation) else Augmentation(strength=augment)
-    if any(dataclasses.astuple(augmentation)):
+    if augmentation.jpeg:  # per film (JPEG codes one image), before the batch's perturbations
+        reencode = jpeg_reencode(augmentation.jpeg, seed + 30)
+        examples = examples.map(lambda x, y: (reencode(x), y))  # sequential: one generator, reproducible
+    batches = examples.batch(batch_size)
+    if any(dataclasses.astuple(dataclasses.replace(augmentation, jpeg=0.0))):
         perturb = augment_batch(augmentation, seed)
         batches = batches.map(lambda x, y: (perturb(x), y), num_parallel_calls=autotune)
     return batches.prefetch(autotune)

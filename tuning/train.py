@@ -68,11 +68,26 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int):
                                                         warmup_target=lr, warmup_steps=warmup)
         else:
             lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=total, alpha=0.01)
+    ema = {"use_ema": True, "ema_momentum": config.ema_momentum} if config.ema_momentum else {}
     if config.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=config.weight_decay)
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=config.weight_decay, **ema)
     if config.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=lr)
-    return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay or None)
+        return keras.optimizers.Adam(learning_rate=lr, **ema)
+    return keras.optimizers.SGD(learning_rate=lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay or None,
+                                **ema)
+
+
+def trained_weights_in_model(model) -> None:
+    """After loading a checkpoint written with ``ema_momentum``: put the trained weights back in the model and
+    the averages back in the optimizer. Why: each epoch's end swaps the averages into the model (``fit``), so a
+    checkpoint holds them the other way round; training must go on from the trained weights."""
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    if not getattr(optimizer, "use_ema", False) or not hasattr(optimizer, "_model_variables_moving_average"):
+        return
+    for variable, average in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average):
+        trained = average.numpy()
+        average.assign(variable.numpy())
+        variable.assign(trained)
 
 
 def compile_model(model, config: TrainConfig, steps_per_epoch: int) -> None:
@@ -163,6 +178,9 @@ def fit(
     best = keras.callbacks.EarlyStopping(monitor=METRIC, mode=MODE, patience=config.epochs,
                                          restore_best_weights=True)
     history = keras.callbacks.History()
+    # with EMA, the averaged weights are in the model from each epoch's end to the next one's start: validated,
+    # kept as the best epoch's and checkpointed (Keras' SwapEMAWeights, first so the others see them)
+    ema = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.ema_momentum else []
     weights = class_weights(splits.train.labels) if d.class_balance == "class_weight" else None
     model.fit(
         train_ds,
@@ -171,7 +189,7 @@ def fit(
         class_weight=weights,
         verbose=0,
         shuffle=False,  # the dataset shuffles itself
-        callbacks=[Throughput(len(splits.train)), ValidationMetrics(val_ds, splits.val.labels), best,
+        callbacks=[*ema, Throughput(len(splits.train)), ValidationMetrics(val_ds, splits.val.labels), best,
                    ProgressLine(config.epochs, log), *callbacks, history],
     )
     epochs = [

@@ -19,7 +19,7 @@ from models.package import METRIC, load_model_dir, save_model_dir
 from models.runtime import configure_tensorflow
 from tuning.experiment import BEST_SO_FAR
 from tuning.search_space import to_overrides
-from tuning.train import FitResult, fit, load_data, model_metadata
+from tuning.train import FitResult, fit, load_data, model_metadata, trained_weights_in_model
 
 STATE_FILE = "trainer_state.json"
 TRIAL_LOG = "trial.log"
@@ -54,6 +54,7 @@ def restore_checkpoint(checkpoint):
     with checkpoint.as_directory() as directory:
         state = TrialState(**json.loads((Path(directory) / STATE_FILE).read_text()))
         model, _ = load_model_dir(directory, compile=True)
+    trained_weights_in_model(model)
     return model, state
 
 

@@ -137,6 +137,38 @@ def test_cue_breaking_augmentations_change_what_they_claim():
         Augmentation(gamma=-0.1)
 
 
+def test_jpeg_re_encoding_changes_the_share_of_films_asked_by_what_jpeg_loses():
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from models.dataset import Split
+    from models.pipeline import Augmentation, jpeg_reencode, make_dataset
+
+    film = tf.random.uniform((48, 48, 1), seed=5)
+    assert np.array_equal(jpeg_reencode(0.0, seed=1)(film).numpy(), film.numpy())
+    coded = jpeg_reencode(1.0, seed=1)(film).numpy()
+    assert coded.shape == (48, 48, 1) and 0 <= coded.min() and coded.max() <= 1
+    # what a JPEG round trip of that film at quality 70 (the lowest drawn) changes, at most: the same order
+    pixels = np.round(film.numpy()[..., 0] * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=70)
+    worst = np.abs(np.asarray(Image.open(buffer), np.float32) / 255 - film.numpy()[..., 0]).mean()
+    assert 0.2 * worst < np.abs(coded - film.numpy()).mean() < 2 * worst
+
+    rng = np.random.default_rng(0)
+    split = Split("train", labels=np.arange(200) % 2, patients=np.arange(200),
+                  images=rng.integers(0, 256, (200, 16, 16), dtype=np.uint8))
+    plain = np.concatenate([x.numpy() for x, _ in make_dataset(split, 16, 50, training=True, seed=3)])
+    half = np.concatenate([x.numpy() for x, _ in make_dataset(split, 16, 50, training=True, seed=3,
+                                                             augment=Augmentation(jpeg=0.5))])
+    changed = np.abs(half - plain).reshape(200, -1).max(axis=1) > 1 / 255
+    assert 0.35 < changed.mean() < 0.65  # the same shuffle, half the films re-encoded
+    with pytest.raises(ValueError, match="<= 1"):
+        Augmentation(jpeg=1.5)
+
+
 @pytest.mark.parametrize("shape, dtype", [((50, 40), np.uint8), ((37, 61, 1), np.uint16), ((224, 224, 3), np.float32),
                                           ((90, 120, 4), np.uint8), ((300, 200, 3), np.uint8)])
 def test_one_image_as_a_graph_is_the_eager_preprocessing_bit_for_bit(shape, dtype):

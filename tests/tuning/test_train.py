@@ -66,6 +66,8 @@ def test_train_config_file_plus_overrides(tmp_path):
         (["--config", "/nonexistent.yaml"], "config file not found"),
         (["--set", "epochs=2", "--set", "warmup_epochs=2"], "warmup_epochs must lie in [0, epochs=2)"),
         (["--set", "warmup_epochs=1", "--set", "lr_schedule=constant"], "warmup_epochs needs lr_schedule: cosine"),
+        (["--set", "ema_momentum=1"], "ema_momentum must lie in [0, 1)"),
+        (["--set", "data.augment_jpeg=2"], "augment_jpeg is a share of films, at most 1"),
     ],
 )
 def test_bad_configs_exit_2_with_a_clear_message(args, message, mendeley_dir, capsys):
@@ -81,6 +83,36 @@ def test_warm_up_rises_linearly_to_the_learning_rate_then_cosine_decays_to_one_p
     assert rates == pytest.approx([1e-5, 5.05e-4, 1e-3, 5.05e-4, 1e-5], rel=1e-3)
     plain = make_optimizer(TrainConfig(epochs=4, learning_rate=1e-3), steps_per_epoch=10)._learning_rate
     assert float(plain(0)) == pytest.approx(1e-3) and float(plain(40)) == pytest.approx(1e-5)
+
+
+def test_with_ema_the_kept_weights_are_the_average_and_a_checkpoint_resumes_from_the_trained_ones(npz_file):
+    import keras
+
+    from models.networks import build_model
+    from tuning.train import fit, load_data, trained_weights_in_model
+
+    def trained(ema: float):
+        config = load_config(TrainConfig, overrides=[*TINY, f"data.path={npz_file}", "epochs=1", "learning_rate=0.05",
+                                                    "lr_schedule=constant", "data.augment=0", f"ema_momentum={ema}"])
+        keras.utils.set_random_seed(config.seed)  # as fit does before it builds the model
+        start = [w.numpy() for w in build_model(config.model).trainable_weights]
+        model = fit(config, load_data(config), log=lambda line: None).model
+        moved = sum(float(np.abs(w.numpy() - w0).sum()) for w, w0 in zip(model.trainable_weights, start))
+        return model, moved
+
+    plain, moved = trained(0.0)
+    averaged, moved_on_average = trained(0.9)
+    # 5 steps: the average keeps about 1 - 0.9 ** 5 = 41 % of the way the weights went (plus Adam's own path)
+    assert moved_on_average < 0.75 * moved
+    assert averaged.optimizer.use_ema and not plain.optimizer.use_ema
+    # a checkpoint holds the averages in the model and the trained weights in the optimizer: swapped back
+    optimizer = averaged.optimizer
+    kept = [v.numpy() for v in averaged.trainable_weights]
+    for variable, average in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average):
+        average.assign(variable.numpy() + 1.0)  # stand-in trained weights
+    trained_weights_in_model(averaged)
+    assert all(np.allclose(v.numpy(), k + 1.0) for v, k in zip(averaged.trainable_weights, kept))
+    assert all(np.allclose(a.numpy(), k) for a, k in zip(optimizer._model_variables_moving_average, kept))
 
 
 def test_bad_yaml_is_reported(tmp_path, capsys):

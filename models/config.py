@@ -107,6 +107,9 @@ class ModelConfig:
             raise ConfigError(f"trainable_blocks must lie in -1..{blocks} for {self.family}, got {self.trainable_blocks}")
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd")  # TrainConfig.optimizer's values
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """The config of one training run: data, model and optimisation. ``pneumonia train``, every trial of a

@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from models.config import ConfigError, TrainConfig
+from models.config import OPTIMIZERS, ConfigError, TrainConfig
 from models.networks import FAMILIES
 from models.preprocessing import INTENSITY_METHODS
 
@@ -22,6 +22,7 @@ class SearchSpace:
     cnn_image_sizes: list[int] = dataclasses.field(default_factory=lambda: [64, 96, 128])
     inception_image_sizes: list[int] = dataclasses.field(default_factory=lambda: [75, 96, 128])
     batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64])
+    optimizers: list[str] = dataclasses.field(default_factory=lambda: ["adamw", "adam", "sgd"])
     learning_rate: list[float] = dataclasses.field(default_factory=lambda: [1e-4, 3e-3])  # log-uniform
     cnn_depth: list[int] = dataclasses.field(default_factory=lambda: [3, 6])
     cnn_base_filters: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32])
@@ -46,6 +47,8 @@ class SearchSpace:
         unknown = set(self.families) - set(FAMILIES)
         if not self.families or unknown:
             raise ConfigError(f"families must be a non-empty subset of {', '.join(FAMILIES)}; got {self.families}")
+        if not self.optimizers or set(self.optimizers) - set(OPTIMIZERS):
+            raise ConfigError(f"optimizers must be a non-empty subset of {', '.join(OPTIMIZERS)}; got {self.optimizers}")
         ranges = ("learning_rate", "cnn_depth", "augment", "augment_black_level", "augment_gamma", "augment_blur",
                   "augment_noise")
         for name in ranges:
@@ -62,6 +65,26 @@ class SearchSpace:
 
 
 @dataclasses.dataclass
+class SamplerConfig:
+    """Optuna's sampler when ``searcher: optuna``: TPE or a Gaussian process (``gp``, needs PyTorch), and the
+    settings ``benchmarks/search_strategies.py`` compares. TPE's defaults are Optuna 5's: multivariate,
+    ``constant_liar`` (a running trial counts as a bad result, so parallel trials spread out), 10 random
+    start-up trials; ``group`` models each family's own parameters together."""
+
+    kind: Literal["tpe", "gp"] = "tpe"
+    n_startup_trials: int = 10  # random trials (seeded points_to_evaluate count) before the model proposes
+    multivariate: bool = True
+    group: bool = False
+    constant_liar: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_startup_trials < 0:
+            raise ConfigError(f"sampler.n_startup_trials must be >= 0, got {self.n_startup_trials}")
+        if self.group and not self.multivariate:
+            raise ConfigError("sampler.group needs sampler.multivariate: true")
+
+
+@dataclasses.dataclass
 class TuneConfig:
     """A tuning experiment: ``python -m tuning.search --config tuning/configs/quick.yaml``."""
 
@@ -72,6 +95,7 @@ class TuneConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # every trial starts from this
     space: SearchSpace = dataclasses.field(default_factory=SearchSpace)
     searcher: Literal["optuna", "random"] = "optuna"
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     scheduler: Literal["asha", "fifo"] = "asha"
     num_samples: int = 8
     max_concurrent: int = 2

@@ -41,6 +41,22 @@ from tuning.search_space import DefineByRun, random_space
 from tuning.trainable import train_trial, trial_dirname
 
 
+def make_sampler(config: TuneConfig):
+    """The Optuna sampler ``config.sampler`` describes, seeded with ``config.seed``."""
+    import optuna
+
+    settings = config.sampler
+    if settings.kind == "gp":
+        try:
+            import torch  # noqa: F401  (Optuna's GPSampler fits its Gaussian process with PyTorch)
+        except ImportError as exc:
+            raise SearchError("sampler.kind: gp needs PyTorch (pip install torch); or use sampler.kind: tpe") from exc
+        return optuna.samplers.GPSampler(seed=config.seed, n_startup_trials=settings.n_startup_trials)
+    return optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=settings.n_startup_trials,
+                                      multivariate=settings.multivariate, group=settings.group,
+                                      constant_liar=settings.constant_liar)
+
+
 def make_search(config: TuneConfig):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -63,7 +79,7 @@ def make_search(config: TuneConfig):
         # Optuna records a trial's last reported value: the best-so-far AUC makes that its best epoch's.
         metric=BEST_SO_FAR,
         mode=MODE,
-        sampler=optuna.samplers.TPESampler(seed=config.seed),
+        sampler=make_sampler(config),
         study_name=study_name(config),
         storage=optuna.storages.RDBStorage(study_storage_url(config)),
         points_to_evaluate=config.points_to_evaluate or None,

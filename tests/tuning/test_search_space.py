@@ -37,7 +37,7 @@ def test_the_pretrained_family_samples_its_own_sizes_blocks_and_imagenet_weights
     config = load_config(TuneConfig, overrides=[
         "space.families=[efficientnet_lite0, cnn]", "space.lite_image_sizes=[160, 224]",
         "space.lite_trainable_blocks=[1, 3]", "space.intensity=[none, percentile, equalize]",
-        "space.augment_gamma=[0.0, 0.4]", "space.augment_black_level=[0.0, 0.1]"])
+        "space.augment_gamma=[0.0, 0.4]", "space.augment_black_level=[0.0, 0.1]", "space.optimizers=[adamw, adam]"])
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
     seen = set()
     for _ in range(16):
@@ -46,6 +46,7 @@ def test_the_pretrained_family_samples_its_own_sizes_blocks_and_imagenet_weights
         trained = trial_config({}, params)
         seen.add((trained.model.family, trained.data.intensity))
         assert 0.0 <= trained.data.augment_gamma <= 0.4 and trained.data.augment_blur == 0.0  # [0, 0]: off
+        assert trained.optimizer in ("adamw", "adam")
         if trained.model.family == "efficientnet_lite0":
             assert trained.model.image_size in (160, 224) and trained.model.trainable_blocks in (1, 3)
             assert trained.model.weights == "imagenet" and "model.depth" not in params
@@ -63,6 +64,8 @@ def test_random_space_resolves_the_family_image_size():
     params = {"model.family": "inception", "cnn.image_size": 64, "inception.image_size": 96, "learning_rate": 1e-3}
     assert sorted(to_overrides(params)) == ["learning_rate=0.001", "model.family=inception", "model.image_size=96"]
     assert set(random_space(load_config(TuneConfig).space)) >= {"model.family", "cnn.image_size"}
+    narrowed = random_space(load_config(TuneConfig, overrides=["space.optimizers=[adam]"]).space)
+    assert narrowed["optimizer"].categories == ["adam"]
 
 
 def test_multi_node_with_local_storage_is_refused_up_front():
@@ -82,7 +85,8 @@ def test_uris_keep_their_query_last_and_study_defaults_beside_local_experiments(
 
 
 @pytest.mark.parametrize("path", ["tuning/configs/quick.yaml", "tuning/configs/full-cpu.yaml",
-                                  "tuning/configs/gpu-cluster.yaml"])
+                                  "tuning/configs/gpu-cluster.yaml", "tuning/configs/full-cpu-pretrained.yaml",
+                                  "tuning/configs/full-cpu-finetune.yaml"])
 def test_shipped_tune_configs_load(path):
     config = load_config(TuneConfig, path)
     assert config.num_samples >= 1 and config.train.epochs >= config.grace_period
@@ -93,5 +97,25 @@ def test_bad_tune_config_is_refused():
         load_config(TuneConfig, overrides=["train.epochs=2", "grace_period=3"])
     with pytest.raises(ConfigError, match="families"):
         load_config(TuneConfig, overrides=["space.families=[resnet]"])
+    with pytest.raises(ConfigError, match="optimizers must be a non-empty subset of adamw, adam, sgd"):
+        load_config(TuneConfig, overrides=["space.optimizers=[lion]"])
     with pytest.raises(ConfigError, match="augment must be"):
         load_config(TuneConfig, overrides=["space.augment=[1.0, 0.5]"])
+
+
+def test_the_sampler_is_built_as_the_config_says_and_gp_without_pytorch_is_a_clear_error(monkeypatch):
+    import sys
+
+    from tuning.experiment import SearchError
+    from tuning.search import make_sampler
+
+    today = make_sampler(load_config(TuneConfig))
+    assert isinstance(today, optuna.samplers.TPESampler) and today._n_startup_trials == 10
+    tuned = make_sampler(load_config(TuneConfig, overrides=["sampler.n_startup_trials=4", "sampler.group=true"]))
+    assert tuned._n_startup_trials == 4 and tuned._group and tuned._constant_liar
+    with pytest.raises(ConfigError, match="sampler.group needs sampler.multivariate"):
+        load_config(TuneConfig, overrides=["sampler.group=true", "sampler.multivariate=false"])
+    gp = load_config(TuneConfig, overrides=["sampler.kind=gp"])
+    monkeypatch.setitem(sys.modules, "torch", None)  # as on a machine without PyTorch
+    with pytest.raises(SearchError, match="sampler.kind: gp needs PyTorch"):
+        make_sampler(gp)

@@ -42,6 +42,9 @@ def page_html() -> str:
     ray_actor_options={"num_cpus": 1},
     autoscaling_config=AUTOSCALING,
     health_check_period_s=10,
+    # a replica replaced (a new package) or scaled down answers what it holds first, for up to 60 s: Serve's 20 s
+    # default dropped a request in flight during a swap on a saturated machine (issue 23)
+    graceful_shutdown_timeout_s=60,
 )
 @serve.ingress(api)
 class Classifier:

@@ -636,14 +636,16 @@ def test_new_package_swaps_the_model_on_live_replicas_without_failed_requests(en
                  "--artifacts", str(tmp_path / "a")]) == 0
     (second,) = (tmp_path / "a").iterdir()
     jpeg = next(Path(r["path"]) for r in csv.DictReader(open(package[1]))).read_bytes()
-    statuses, versions, stop = [], set(), threading.Event()
+    statuses, versions, dropped, stop = [], set(), [], threading.Event()
 
     def load():
         while not stop.is_set():
+            started = time.monotonic()
             try:
                 status, body, _ = _post(endpoint, jpeg)
-            except DROPPED:
-                status, body = 0, {}  # a dropped connection is a failed request: the assertion below says so
+            except DROPPED as error:  # a failed request: the assertion below says which and when
+                status, body = 0, {}
+                dropped.append(f"{type(error).__name__}: {error} after {time.monotonic() - started:.1f} s")
             statuses.append(status)
             versions.add(body.get("model_version"))
 
@@ -661,7 +663,7 @@ def test_new_package_swaps_the_model_on_live_replicas_without_failed_requests(en
         stop.set()
         for thread in threads:
             thread.join()
-    assert statuses and set(statuses) == {200}
+    assert statuses and set(statuses) == {200}, (sorted(set(statuses)), dropped)
     assert versions == {package[0].name, second.name}
     with urllib.request.urlopen(f"{endpoint}/metadata", timeout=30) as response:
         assert json.loads(response.read())["model_version"] == second.name

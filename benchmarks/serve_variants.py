@@ -81,7 +81,10 @@ def ceiling(package: str, image: Path, runtime: str, seconds: float) -> float:
     try:
         return serve_load_ceiling(package, image, seconds)["images_per_sec"]
     finally:
-        os.environ.pop(RUNTIME_ENV) if before is None else os.environ.__setitem__(RUNTIME_ENV, before)
+        if before is None:
+            del os.environ[RUNTIME_ENV]
+        else:
+            os.environ[RUNTIME_ENV] = before
 
 
 def main() -> None:

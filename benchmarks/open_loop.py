@@ -15,8 +15,9 @@ the mean batch size, and the client's CPU share. No assertion on time: the figur
 
 Usage: python -m benchmarks.open_loop --package artifacts/VERSION --image X.jpeg [--seconds 20]
            [--config NAME:key=value,key=value ...] [--json out.json]
-(a ``--config`` holds ``ServeSettings`` fields; default: ``before`` = today's unbounded queue, ``after`` = the
-settings' defaults.)
+(a ``--config`` holds ``ServeSettings`` fields, and ``bound=haproxy`` (default: HAProxy keeps a bounded queue,
+as ``pneumonia serve`` has it, ``serving/haproxy_wrapper.py``) or ``bound=replica`` (only the replica turns the
+excess away, as before); default configs: ``before`` = the unbounded queue, ``after`` = the settings' defaults.)
 """
 
 from __future__ import annotations
@@ -158,9 +159,15 @@ def measure(name: str, settings: dict, package: str, image: Path, seconds: float
             log: Path) -> dict:
     """Unloaded latency and 1x, 2x, 4x ``capacity`` for one server configuration; ``capacity`` None: measure
     this configuration's own first (a bounded queue would answer a closed loop of 32 with 503s)."""
+    from serving.launch import APP_NAME
+    from serving.settings import ServeSettings
+
     port = free_port()
+    settings = dict(settings)
+    where = settings.pop("bound", "haproxy")
     env = {**os.environ, **HAPROXY_ENV, **{key: str(free_port()) for key in HAPROXY_PORTS}}
-    process = start_server(serve_command(package, port, settings), env, log)
+    queue = ServeSettings.parse({"package": package, **settings}).haproxy_queue(APP_NAME) if where == "haproxy" else None
+    process = start_server(serve_command(package, port, settings, queue), env, log)
     url = f"http://127.0.0.1:{port}/predict"
     body = image.read_bytes()
     try:
@@ -183,7 +190,8 @@ def measure(name: str, settings: dict, package: str, image: Path, seconds: float
                   f"p99 to 503 {row['p99_to_503_ms'] or float('nan'):.1f} ms batch {row['mean_batch']:.1f} "
                   f"client CPU {100 * row['client_cpu_share']:.0f} %", flush=True)
             print(f"      server CPU s by process: {row['server_cpu_seconds']}", flush=True)
-        return {"settings": settings, "capacity": capacity, "unloaded": unloaded, "rates": rows}
+        kept_by = "none" if settings.get("max_queued_requests") == -1 else where
+        return {"settings": settings, "bound": kept_by, "capacity": capacity, "unloaded": unloaded, "rates": rows}
     finally:
         stop_server(process)
 
@@ -208,7 +216,9 @@ def main() -> None:
     parser.add_argument("--package", required=True)
     parser.add_argument("--image", required=True)
     parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--config", action="append", help="NAME:key=value,... (ServeSettings fields)")
+    parser.add_argument("--config", action="append",
+                        help="NAME:key=value,... (ServeSettings fields, and bound=haproxy|replica: where a bounded "
+                             "queue is kept, HAProxy as `pneumonia serve` does, or only the replica as before)")
     parser.add_argument("--capacity", type=float, help="req/s measured before (default: measure it)")
     parser.add_argument("--json")
     args = parser.parse_args()

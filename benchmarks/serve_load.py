@@ -130,13 +130,17 @@ def ceiling(package: str, image_path: Path, seconds: float, batch: int = 32) -> 
     return {"images_per_sec": rate, "batch": batch, "runtime": getattr(served.model, "runtime", "keras")}
 
 
-def serve_command(package: str, port: int, settings: dict | None = None) -> list[str]:
+def serve_command(package: str, port: int, settings: dict | None = None, haproxy_queue: str | None = None) -> list[str]:
     """A child process that serves ``package`` on a local Ray (2 CPUs) at ``port``: the Serve app with one
     replica, ``settings`` (``ServeSettings`` fields) over that; SIGTERM shuts Serve and its Ray down, so an
-    HAProxy outside its process group stops too."""
+    HAProxy outside its process group stops too. With ``haproxy_queue`` (``serving.settings.haproxy_queue``)
+    the ingress is set as ``pneumonia serve`` sets it: HAProxy through the project's wrapper, keeping that
+    bound; without, the caller's environment chooses the ingress."""
     args = {"package": package, "replicas": 1, **(settings or {})}
+    ingress = (f"from serving.ingress import set_ingress_environment\n"
+               f"set_ingress_environment('haproxy', {port}, {haproxy_queue!r})\n") if haproxy_queue else ""
     code = (
-        "import sys, time, ray\nfrom ray import serve\nfrom serving.app import build_app\n"
+        "import sys, time, ray\nfrom ray import serve\nfrom serving.app import build_app\n" + ingress +
         "ray.init(address=\"local\", num_cpus=2, include_dashboard=False, log_to_driver=False)\n"
         f"serve.start(http_options={{'host': '127.0.0.1', 'port': {port}}})\n"
         f"serve.run(build_app({args!r}), name='pneumonia', route_prefix='/')\n"

@@ -24,7 +24,7 @@ from models.local_ray import resolve_address
 from models.paths import default_cache_dir, display_path
 from serving.client import classify
 from serving.ingress import claim_port, set_ingress_environment
-from serving.launch import serve_forever, serve_model
+from serving.launch import APP_NAME, serve_forever, serve_model
 from tuning.config import CONFIG_DIR, TuneConfig
 from tuning.ensemble import resolve_experiment
 from tuning.experiment import is_remote
@@ -101,8 +101,10 @@ def run_end_to_end(config_path: str | None = None, address: str | None = None, d
     address = resolve_address(address)  # inside `ray job submit`: that cluster (RAY_ADDRESS)
     data_path = resolve_data(data, log)
     if not address:  # the local Ray started below serves too: its port and HTTP ingress are settled first
+        from serving.settings import haproxy_queue  # pydantic: kept off `pneumonia --help`
+
         claim_port(port, log)
-        log(f"HTTP ingress: {set_ingress_environment(ingress, port)}")
+        log(f"HTTP ingress: {set_ingress_environment(ingress, port, haproxy_queue(APP_NAME))}")  # serve_model's defaults
     config = load_config(TuneConfig, config_path or DEFAULT_CONFIG, [*(overrides or []), f"train.data.path={data_path}"])
     best = run_search(config, address, log=log)
     experiment = Path(best["checkpoint_path"]).parent if is_remote(config.storage_path) else Path(best["experiment"])

@@ -1,8 +1,9 @@
 """Serve's HTTP ingress on a machine this process serves from: HAProxy or Serve's Python proxy, and the HAProxy
 this project starts, found by its own config path, so a stale one is stopped and a taken port is named.
 
-Ray's HAProxy template puts its stats page and Prometheus exporter on all interfaces; the HAProxy of a local
-server runs through ``serving.haproxy_loopback``, which puts them on 127.0.0.1.
+Ray's HAProxy template puts its stats page and Prometheus exporter on all interfaces and bounds no queue; the
+HAProxy of a local server runs through ``serving.haproxy_wrapper``, which puts them on 127.0.0.1 and keeps the
+endpoint's bounded queue.
 
 Ray runs HAProxy as a child of a Serve actor; after a hard kill of a run it can outlive the run (parent 1)
 and keep the port. Each local server therefore gives HAProxy a config directory of its own
@@ -21,7 +22,7 @@ import sys
 import time
 
 from models.config import ConfigError
-from serving.haproxy_loopback import REAL_BINARY_ENV, WRAPPER_NAME, write_wrapper
+from serving.haproxy_wrapper import QUEUE_ENV, REAL_BINARY_ENV, WRAPPER_NAME, write_wrapper
 
 INGRESS_MODES = ("auto", "haproxy", "python")
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -88,12 +89,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def set_ingress_environment(mode: str = "auto", port: int = 8000) -> str:
+def set_ingress_environment(mode: str = "auto", port: int = 8000, queue: str | None = None) -> str:
     """Resolve ``mode`` and set the environment a Ray this process is about to start reads (Ray's processes
     read it at start): HAProxy's switches, its config and socket under /tmp/pneumonia-haproxy/PORT/, free
     stats and metrics ports unless set, so two servers on one host do not collide, and as its binary the
-    wrapper that puts those two on 127.0.0.1 (``serving.haproxy_loopback``); for either ingress, proxy
-    timeouts a busy machine meets (``PROXY_PATIENCE_ENV``). Returns the ingress."""
+    wrapper (``serving.haproxy_wrapper``) that puts those two on 127.0.0.1 and keeps ``queue``, the bound of
+    ``serving.settings.haproxy_queue`` (None: HAProxy bounds nothing); for either ingress, proxy timeouts a
+    busy machine meets (``PROXY_PATIENCE_ENV``). Returns the ingress."""
     mode = resolve_ingress(mode)
     for key, value in PROXY_PATIENCE_ENV.items():
         os.environ.setdefault(key, value)
@@ -107,7 +109,12 @@ def set_ingress_environment(mode: str = "auto", port: int = 8000) -> str:
             os.environ.setdefault(key, str(free_port()))
         os.environ[REAL_BINARY_ENV] = real
         os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = write_wrapper(os.path.dirname(haproxy_config(port)))
+        if queue:
+            os.environ[QUEUE_ENV] = queue
+        else:
+            os.environ.pop(QUEUE_ENV, None)
     else:
+        os.environ.pop(QUEUE_ENV, None)
         for key in HAPROXY_ENV:
             os.environ.pop(key, None)
         if os.path.basename(os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH", "")) == WRAPPER_NAME:

@@ -38,7 +38,7 @@ def serve_model(package: str, replicas: int = 0, address: str | None = None, hos
     local = not address and not ray.is_initialized()
     if local:
         claim_port(port, log, host)
-        log(f"HTTP ingress: {set_ingress_environment(ingress, port)}")
+        log(f"HTTP ingress: {set_ingress_environment(ingress, port, settings.haproxy_queue(APP_NAME))}")
     start_ray(address)
     if not address:
         on_stop(functools.partial(stop_haproxy, port))  # this run's HAProxy goes down with its local Ray

@@ -18,12 +18,14 @@ from models.errors import PneumoniaError
 
 TOKEN_ENV = "PNEUMONIA_API_TOKEN"
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 2}  # target_ongoing_requests: half of max_ongoing_requests
-# The queue's bound (BENCHMARKS.md, "Overload"): a replica works on MAX_ONGOING requests at once and lets MAX_QUEUED
-# more wait; past them Serve answers 503 with Retry-After at once. Every request admitted waits for those ahead of
-# it, so only a queue this shallow kept p99 near 2x an idle endpoint's under overload on 2 cores (1.4x at capacity,
-# 2.1x at 4x), at the price of small batches: 0.52x the requests/s of the unbounded queue of 32 at capacity.
-MAX_ONGOING = 3
+# The queue's bound (BENCHMARKS.md, "Overload"): a replica works on MAX_ONGOING requests at once and MAX_QUEUED more
+# wait; past them the endpoint answers 503 with Retry-After at once (by HAProxy for a local server:
+# serving/haproxy_wrapper.py). Every request admitted waits for those ahead of it and shares a batch with them, so
+# only a queue this shallow kept p99 within 2x an idle endpoint's at 4x the capacity on 2 cores (1.87x; 2.31x with
+# 3 at once), at the price of small batches: 0.88x the requests/s of 3 at once at capacity.
+MAX_ONGOING = 2
 MAX_QUEUED = 1
+RETRY_AFTER_S = 1.0
 
 
 class ServeSettingsError(PneumoniaError, ValueError):
@@ -48,7 +50,7 @@ class ServeSettings(BaseModel):
                                                                      "decoding, in the model's batch)")
     max_queued_requests: int = Field(MAX_QUEUED, ge=-1, description="requests waiting for a replica beyond those; past "
                                                                     "them the endpoint answers 503 at once; -1 = no bound")
-    retry_after_s: float = Field(1.0, ge=0, description="the Retry-After header of that 503, in seconds (rounded up)")
+    retry_after_s: float = Field(RETRY_AFTER_S, ge=0, description="the Retry-After header of that 503, in seconds (rounded up)")
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -97,6 +99,10 @@ class ServeSettings(BaseModel):
                                "/predict"}
         return {"authentication": False}
 
+    def haproxy_queue(self, app: str) -> str | None:
+        """The bound the HAProxy of a local server keeps for application ``app`` with these settings."""
+        return haproxy_queue(app, self.max_ongoing_requests, self.max_queued_requests, self.retry_after_s)
+
     def deployment_options(self) -> dict[str, Any]:
         """Serve options of the classifier deployment: replicas or autoscaling, CPUs, the package to load."""
         options: dict[str, Any] = {"user_config": {"package": self.package},
@@ -122,6 +128,14 @@ class ServeSettings(BaseModel):
             raise ValueError(f"autoscaling.target_ongoing_requests ({target}) must be below max_ongoing_requests "
                              f"({self.max_ongoing_requests}), or a replica never counts enough requests to scale up")
         return self
+
+
+def haproxy_queue(app: str, max_ongoing: int = MAX_ONGOING, max_queued: int = MAX_QUEUED,
+                  retry_after_s: float = RETRY_AFTER_S) -> str | None:
+    """``$PNEUMONIA_HAPROXY_QUEUE`` for a local server of application ``app`` (``serving.haproxy_wrapper``):
+    HAProxy sends a replica at most ``max_ongoing`` requests, holds ``max_queued`` per replica and answers the
+    rest 503 itself; None for an unbounded queue (``max_queued`` -1)."""
+    return None if max_queued == -1 else f"{app}={max_ongoing},{max_queued},{retry_after_s:g}"
 
 
 def is_loopback(host: str | None) -> bool:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from cli.main import main
 from serving.ingress import free_port
+from serving.settings import haproxy_queue
 from tests.numerics import OOD_SCORE_REL, PROBABILITY_ABS
 
 pytestmark = pytest.mark.slow
@@ -29,6 +30,7 @@ TOKEN = "test-token-0123"
 # the endpoint before its queue was bounded: these tests send up to 32 requests at once and expect each answered
 # (the bound has its own test, test_every_metric_is_exported_where_ray_exports_its_own_and_a_full_queue_answers_503)
 UNBOUNDED = {"max_ongoing_requests": 32, "max_queued_requests": -1}
+METERED_QUEUE = (1, 1, 2)  # max_ongoing_requests, max_queued_requests, retry_after_s of the metrics test's app
 TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8", "batch_size=8",
         "mixed_precision=float32", "epochs=1"]
 
@@ -72,12 +74,22 @@ def endpoint(package):
     from ray import serve
 
     from serving.app import build_app
-    from serving.ingress import (HAPROXY_ENV, HAPROXY_PATHS, HAPROXY_PORTS, PROXY_PATIENCE_ENV, set_ingress_environment,
-                                 stop_haproxy)
+    from serving.haproxy_wrapper import QUEUE_ENV
+    from serving.ingress import (
+        HAPROXY_ENV,
+        HAPROXY_PATHS,
+        HAPROXY_PORTS,
+        PROXY_PATIENCE_ENV,
+        set_ingress_environment,
+        stop_haproxy,
+    )
 
     port = free_port()
-    saved = {key: os.environ.get(key) for key in [*HAPROXY_ENV, *HAPROXY_PORTS, *HAPROXY_PATHS, *PROXY_PATIENCE_ENV]}
-    assert set_ingress_environment("auto", port) == "haproxy"  # as `pneumonia serve` does (ray[serve] bundles it)
+    saved = {key: os.environ.get(key)
+             for key in [*HAPROXY_ENV, *HAPROXY_PORTS, *HAPROXY_PATHS, *PROXY_PATIENCE_ENV, QUEUE_ENV]}
+    # as `pneumonia serve` does (ray[serve] bundles HAProxy); HAProxy keeps the bounded queue of the `metered`
+    # app (METERED_QUEUE), the unbounded `pneumonia` app has none
+    assert set_ingress_environment("auto", port, haproxy_queue("metered", *METERED_QUEUE)) == "haproxy"
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)  # 4 logical: 2 apps x 2 replicas
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -504,15 +516,15 @@ def _total(samples: dict[str, list], name: str, **labels: str) -> float | None:
 def _overload(url: str, image: bytes, outcomes, deadline: float) -> list[str]:
     """Bursts of 16 concurrent requests of a slow-to-decode film at a replica that takes one at a time and
     queues one, until one is turned away; the answers' outcomes go to ``outcomes``. Returns the 503s'
-    Retry-After headers."""
-    retry_after: list[str] = []
+    Retry-After headers and bodies."""
+    retry_after: list[tuple[str, dict]] = []
     while not retry_after:
         assert time.time() < deadline, "no 503 from a replica with max_ongoing_requests=1, max_queued_requests=1"
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda _: _post(url, image), range(16)))
         for status, body, headers in answers:
             if status == 503:
-                retry_after.append({k.lower(): v for k, v in headers.items()}.get("retry-after"))
+                retry_after.append(({k.lower(): v for k, v in headers.items()}.get("retry-after"), body))
             else:
                 assert status in (200, 422), (status, body)
                 outcomes[body["label"] if status == 200 else body["reason"]] += 1
@@ -522,7 +534,8 @@ def _overload(url: str, image: bytes, outcomes, deadline: float) -> list[str]:
 def test_every_metric_is_exported_where_ray_exports_its_own_and_a_full_queue_answers_503(endpoint, package, gated_raw):
     """An app of a gated package that works on one request at a time and queues one more gets requests of
     every outcome: both labels, refusals, bad input, a wrong token, and bursts that overflow its queue (503
-    with Retry-After, at once). Then every metric is scraped from the node's metrics export port, as Prometheus
+    with Retry-After, at once, from HAProxy, as `pneumonia serve` has it: the replica's counts hold only
+    what it was let in). Then every metric is scraped from the node's metrics export port, as Prometheus
     would, and each must say exactly what was sent; Ray exports every few seconds, so the test waits on that,
     with a deadline."""
     from collections import Counter
@@ -536,8 +549,10 @@ def test_every_metric_is_exported_where_ray_exports_its_own_and_a_full_queue_ans
     from models.dataset import load_splits
     from serving.app import build_app
 
-    serve.run(build_app({"package": str(gated_raw), "auth_token": TOKEN, "replicas": 1, "max_ongoing_requests": 1,
-                         "max_queued_requests": 1, "retry_after_s": 2}), name="metered", route_prefix="/metered")
+    ongoing, queued, retry_after = METERED_QUEUE  # kept by HAProxy too (the endpoint fixture)
+    serve.run(build_app({"package": str(gated_raw), "auth_token": TOKEN, "replicas": 1, "max_ongoing_requests": ongoing,
+                         "max_queued_requests": queued, "retry_after_s": retry_after}), name="metered",
+              route_prefix="/metered")
     url = f"{endpoint}/metered"
     outcomes: Counter = Counter()
     try:
@@ -563,8 +578,10 @@ def test_every_metric_is_exported_where_ray_exports_its_own_and_a_full_queue_ans
         outcomes["unauthorized"] += 1
         large = io.BytesIO()
         Image.open(test_films[0]).resize((2000, 2000)).save(large, format="JPEG", quality=95)
-        retry_after = _overload(url, large.getvalue(), outcomes, time.time() + 300)
-        assert set(retry_after) == {"2"}
+        turned_away = _overload(url, large.getvalue(), outcomes, time.time() + 300)
+        assert {header for header, _ in turned_away} == {"2"}
+        # HAProxy's answer (serving/haproxy_wrapper.py), not the replica's "Request dropped due to backpressure"
+        assert all("at capacity" in body.get("detail", "") for _, body in turned_away), turned_away
 
         labelled = outcomes["NORMAL"] + outcomes["PNEUMONIA"]
         refused = sum(count for outcome, count in outcomes.items()

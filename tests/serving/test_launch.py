@@ -1,5 +1,5 @@
-"""Choosing Serve's HTTP ingress before a local Ray starts, HAProxy's stats and metrics on loopback, and the
-refusal of an endpoint beyond loopback without a token."""
+"""Choosing Serve's HTTP ingress before a local Ray starts, HAProxy's stats and metrics on loopback and the
+endpoint's queue bounded in HAProxy, and the refusal of an endpoint beyond loopback without a token."""
 
 import os
 import re
@@ -11,18 +11,19 @@ import pytest
 import serving.ingress
 from cli.main import main
 from models.config import ConfigError
-from serving.haproxy_loopback import REAL_BINARY_ENV, loopback_config, write_wrapper
+from serving.haproxy_wrapper import QUEUE_ENV, REAL_BINARY_ENV, loopback_config, rewrite, write_wrapper
 from serving.ingress import HAPROXY_ENV, HAPROXY_PATHS, HAPROXY_PORTS, PROXY_PATIENCE_ENV, set_ingress_environment
-from serving.settings import TOKEN_ENV, ServeSettings, ServeSettingsError
+from serving.settings import MAX_ONGOING, MAX_QUEUED, TOKEN_ENV, ServeSettings, ServeSettingsError, haproxy_queue
 
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
-    """No RAY_SERVE_* settings, restored after the test; HAProxy's directories under tmp_path."""
+    """No RAY_SERVE_* settings, and whatever the test sets removed after it; HAProxy's directories under tmp_path."""
     monkeypatch.setattr(serving.ingress, "HAPROXY_ROOT", str(tmp_path / "pneumonia-haproxy"))
     for key in [*HAPROXY_ENV, *HAPROXY_PORTS, *HAPROXY_PATHS, *PROXY_PATIENCE_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH",
-                REAL_BINARY_ENV]:
-        monkeypatch.delenv(key, raising=False)
+                REAL_BINARY_ENV, QUEUE_ENV]:
+        monkeypatch.setenv(key, "")  # records the value before the test (or its absence), restored after it
+        monkeypatch.delenv(key)
     return monkeypatch
 
 
@@ -110,7 +111,64 @@ def test_the_wrapper_rewrites_the_config_in_place_then_runs_haproxy_and_refuses_
     refused = subprocess.run([wrapper, "-db", "-f", str(config)], env=env, capture_output=True, text=True, timeout=60,
                              check=False)
     assert refused.returncode == 1 and not refused.stdout
-    assert "not starting HAProxy with its stats page on all interfaces" in refused.stderr
+    assert "not starting HAProxy" in refused.stderr and "no `bind ADDRESS:PORT` line found" in refused.stderr
+
+
+def _rays_config(tmp_path, apps: dict[str, int]) -> str:
+    """The config Ray 2.60's own code writes for HTTP applications {name: replicas} on one node."""
+    from ray.serve._private.haproxy import BackendConfig, HAProxyApi, HAProxyConfig, ServerConfig
+
+    backends = {app: BackendConfig(name=f"http-{app}", path_prefix=f"/{app}", app_name=app,
+                                   servers=[ServerConfig(name=f"SERVE_REPLICA_{app}-Classifier-{i}", host="127.0.0.1",
+                                                         port=30000 + 10 * n + i) for i in range(replicas)])
+                for n, (app, replicas) in enumerate(apps.items())}
+    config = tmp_path / "haproxy.cfg"
+    HAProxyApi(HAProxyConfig(), backends, config_file_path=str(config))._generate_config_file_internal()
+    return config.read_text()
+
+
+def test_haproxy_keeps_the_bound_of_the_applications_given_it_and_its_config_stays_valid(clean_env, tmp_path):
+    """`pneumonia serve`'s queue in HAProxy: at most max_ongoing requests in each replica, max_queued per
+    replica waiting, the rest 503 with Retry-After from HAProxy itself; an application not named keeps
+    Ray's config; HAProxy accepts the result."""
+    text = _rays_config(tmp_path, {"pneumonia": 2, "other": 1})
+    bounded = rewrite(text, f"{haproxy_queue('pneumonia', 3, 1, 1.5)};absent=1,1,1")
+    assert rewrite(bounded, haproxy_queue("pneumonia", 3, 1, 1.5)) == bounded  # a reload of the same file
+    servers = {line.split()[1]: line for line in bounded.splitlines() if line.strip().startswith("server ")}
+    assert [name for name, line in servers.items() if line.endswith(" maxconn 3")] == [
+        "SERVE_REPLICA_pneumonia-Classifier-0", "SERVE_REPLICA_pneumonia-Classifier-1"]
+    assert "maxconn" not in servers["SERVE_REPLICA_other-Classifier-0"]
+    (rule,) = [line for line in bounded.splitlines() if "http-request return status 503" in line and "queue(" in line]
+    assert rule.endswith("hdr Retry-After 2 if is_http-pneumonia { queue(http-pneumonia) ge 2 }")  # 2 replicas x 1
+    added = [b for b in bounded.splitlines() if b not in loopback_config(text).splitlines()]
+    assert len(added) == 2 + 2  # the two servers rewritten, the rule and its comment; nothing else moved
+    config = tmp_path / "bounded.cfg"
+    config.write_text(bounded)
+    checked = subprocess.run([serving.ingress.haproxy_binary(), "-c", "-f", str(config)], capture_output=True,
+                             text=True, timeout=60, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert rewrite(text, None) == loopback_config(text)  # an unbounded endpoint: HAProxy bounds nothing
+
+
+@pytest.mark.parametrize("value", ["3,1,1", "pneumonia=3,1", "pneumonia=0,1,1", "pneumonia=3,x,1", "=3,1,1"])
+def test_a_queue_setting_the_wrapper_cannot_read_stops_haproxy_from_starting_with_the_reason(tmp_path, value):
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(_rays_config(tmp_path, {"pneumonia": 1}))
+    env = {**os.environ, REAL_BINARY_ENV: "/bin/echo", QUEUE_ENV: value}
+    refused = subprocess.run([write_wrapper(tmp_path), "-f", str(config)], env=env, capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert refused.returncode == 1 and not refused.stdout
+    assert f"${QUEUE_ENV}" in refused.stderr and repr(value) in refused.stderr
+
+
+def test_the_queue_bound_reaches_haproxy_only_through_the_haproxy_ingress(clean_env, tmp_path):
+    assert set_ingress_environment("haproxy", 8000, haproxy_queue("pneumonia")) == "haproxy"
+    assert os.environ[QUEUE_ENV] == f"pneumonia={MAX_ONGOING},{MAX_QUEUED},1"  # serving/settings.py's defaults
+    set_ingress_environment("haproxy", 8000, haproxy_queue("pneumonia", 32, -1))  # unbounded: nothing for HAProxy
+    assert QUEUE_ENV not in os.environ
+    os.environ[QUEUE_ENV] = "pneumonia=3,1,1"
+    set_ingress_environment("python", 8000, haproxy_queue("pneumonia"))
+    assert QUEUE_ENV not in os.environ
 
 
 @pytest.fixture

@@ -125,7 +125,7 @@ def _refuses_without_token(address: str, port: int) -> bool:
 def _check_listening(pid: int, session: Path, port: int) -> None:
     """Nothing of the run listens beyond 127.0.0.1 (the host asked for) but Ray's token-protected gRPC servers:
     Ray 2.60 binds a Serve replica's inter-deployment gRPC server to [::]. HAProxy's stats page and Prometheus
-    exporter are on loopback (serving/haproxy_loopback.py), as are the local Ray's Prometheus servers and agents
+    exporter are on loopback (serving/haproxy_wrapper.py), as are the local Ray's Prometheus servers and agents
     (models.local_ray.loopback_node)."""
     sockets = _listening(pid, session, port)
     print("\n".join(f"listening {address}:{number}  {process}" for address, number, process in sockets))

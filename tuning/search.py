@@ -58,12 +58,14 @@ def make_sampler(config: TuneConfig):
 
 
 def make_search(config: TuneConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    from tuning.scheduler import ResumableASHA  # Ray Tune at import, as above
+
     if config.scheduler == "asha":
-        scheduler = ASHAScheduler(metric=METRIC, mode=MODE, time_attr="training_iteration", max_t=config.train.epochs,
-                                  grace_period=config.grace_period, reduction_factor=config.reduction_factor)
+        scheduler = ResumableASHA(metric=METRIC, mode=MODE, time_attr="training_iteration", max_t=config.train.epochs,
+                                   grace_period=config.grace_period, reduction_factor=config.reduction_factor)
     else:
         scheduler = FIFOScheduler()
     if config.searcher == "random":
@@ -191,7 +193,14 @@ def run_search(config: TuneConfig, address: str | None = None, resume: bool = Fa
     trainable = make_trainable(config)
     if resume:
         log(f"resuming {path}: finished trials are kept, unfinished ones continue from their checkpoints")
+        from tuning.scheduler import rebuild_rungs
+
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        for trial_id, (stop, last) in rebuild_rungs(tuner, path).items():
+            if last > stop["training_iteration"]:  # let through by a resume that lost the rungs
+                log(f"ASHA's record stops trial {trial_id} at epoch {stop['training_iteration']} ({METRIC} "
+                    f"{stop[METRIC]:.4f}); its epochs {stop['training_iteration'] + 1}-{last} ran only because "
+                    "an earlier resume lost that record, and it does not train again")
     else:
         searcher, scheduler, param_space = make_search(config)
         tuner = tune.Tuner(

@@ -198,9 +198,11 @@ def run_search(config: TuneConfig, address: str | None = None, resume: bool = Fa
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
         for trial_id, (stop, last) in rebuild_rungs(tuner, path).items():
             if last > stop["training_iteration"]:  # let through by a resume that lost the rungs
+                first = stop["training_iteration"] + 1
+                extra = f"epoch {last}" if last == first else f"epochs {first}-{last}"
                 log(f"ASHA's record stops trial {trial_id} at epoch {stop['training_iteration']} ({METRIC} "
-                    f"{stop[METRIC]:.4f}); its epochs {stop['training_iteration'] + 1}-{last} ran only because "
-                    "an earlier resume lost that record, and it does not train again")
+                    f"{stop[METRIC]:.4f}); its {extra} ran only because an earlier resume lost that record, and it "
+                    "does not train again")
     else:
         searcher, scheduler, param_space = make_search(config)
         tuner = tune.Tuner(

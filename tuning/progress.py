@@ -50,6 +50,16 @@ class SearchProgress(tune.Callback):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_display": None}
 
+    # Tune saves these with the experiment state, so a resumed search counts on from where it stopped
+    # (not the errors: `pneumonia tune --resume` retries errored trials)
+    _KEPT = ("done", "stopped_early", "best_auc", "best_trial")
+
+    def get_state(self) -> dict:
+        return {key: getattr(self, key) for key in self._KEPT}
+
+    def set_state(self, state: dict) -> None:
+        self.__dict__.update({key: state[key] for key in self._KEPT if key in state})
+
     def status(self) -> str:
         best = f"best val AUC {self.best_auc:.4f} ({self.best_trial})" if self.best_trial else "no result yet"
         budget = f" of {_clock(self.budget_s)}" if self.budget_s else ""

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tuning.experiment import read_trial_results
+from tuning.progress import SearchProgress
 from tuning.scheduler import ResumableASHA, rebuild_rungs
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ def local_ray():
         ray.shutdown()
 
 
-def test_resume_stops_the_trial_asha_record_stops(local_ray, tmp_path):
+def test_resume_stops_the_trial_asha_record_stops(local_ray, tmp_path, capsys):
     from ray import tune
 
     markers = tmp_path / "markers"
@@ -77,7 +78,8 @@ def test_resume_stops_the_trial_asha_record_stops(local_ray, tmp_path):
         param_space={"name": tune.grid_search(["good", "poor"]), "markers": str(markers)},
         tune_config=tune.TuneConfig(scheduler=ResumableASHA(metric="val_auc", mode="max", max_t=6, grace_period=2,
                                                             reduction_factor=2)),
-        run_config=tune.RunConfig(name="asha", storage_path=str(tmp_path / "results"), verbose=0),
+        run_config=tune.RunConfig(name="asha", storage_path=str(tmp_path / "results"), verbose=0,
+                                  callbacks=[SearchProgress(2, 6, live=False)]),
     ).fit()
     assert _epochs(experiment) == {"good": [1, 2, 3, 4, 5, 6], "poor": [1]}
 
@@ -94,8 +96,12 @@ def test_resume_stops_the_trial_asha_record_stops(local_ray, tmp_path):
     tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_errored=True)
     stopped = rebuild_rungs(tuner, str(experiment))
     assert [(row["config/name"], row["epoch"], last) for row, last in stopped.values()] == [("poor", 2, 3)]
+    capsys.readouterr()
     results = tuner.fit()
     assert _epochs(experiment)["poor"] == [1, 2, 3]
+    # the progress display counts on from where the last sitting stopped: "good" finished in the first
+    assert "search: 2/2 trials done (1 stopped early, 0 errored), 0 running | best val AUC 0.9000" \
+        in capsys.readouterr().out
     assert not results.errors
     assert sorted(result.metrics["epoch"] for result in results) == [3, 6]
 

@@ -21,17 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.local_cluster import search_on_local_cluster
 from benchmarks.train_throughput import pipeline_images_per_sec
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "cluster" / "local-cluster.sh"
 CONFIG = REPO / "tuning" / "configs" / "gpu-cluster.yaml"
 NODE_CPUS, NODE_GPUS = 4, 1  # one g5.xlarge worker of cluster/aws-gpu.yaml
 # Whole-GPU training images/s on one H100, float16 (BENCHMARKS.md "GPU: training images/s"): the space's
@@ -46,28 +43,16 @@ def expected_concurrency(config, nodes: int) -> int:
 
 def schedule(nodes: int, trials: int, data: str, workdir: Path) -> dict:
     """Run the cheap search on ``nodes`` local nodes; the most trials Tune had running at once."""
-    port, dashboard = 6500 + nodes, 8400 + nodes
-    env = {**os.environ, "PNEUMONIA_CLUSTER_DIR": str(workdir / f"cluster{nodes}"), "RAY_PORT": str(port),
-           "RAY_DASHBOARD_PORT": str(dashboard), "RAY_AUTH_MODE": "token",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     sets = [f"name=gpu{nodes}", "unique_name=false", f"storage_path={workdir}", "shared_storage=true",
             f"num_samples={trials}", "grace_period=1", "train.epochs=2", "checkpoint_every=1",
             "space.families=[cnn]", "space.cnn_image_sizes=[64]", "space.cnn_depth=[3,3]",
             "space.cnn_base_filters=[16]", "space.batch_sizes=[32]", "train.data.max_train_images=256",
             "train.data.max_val_images=128", "train.mixed_precision=float32", "train.model.weights=none"]
-    subprocess.run(["bash", str(RECIPE), "start", str(nodes - 1), str(NODE_CPUS), str(NODE_GPUS)], env=env,
-                   check=True, timeout=600)
-    try:
-        driver = subprocess.run(
-            [sys.executable, "-m", "tuning.search", "--config", str(CONFIG), "--address", f"127.0.0.1:{port}",
-             "--data", data, *[a for s in sets for a in ("--set", s)]],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=3600, check=False)
-    finally:
-        subprocess.run(["bash", str(RECIPE), "stop"], env=env, timeout=300, check=False)
-    if driver.returncode != 0:
-        raise RuntimeError(driver.stdout[-3000:] + driver.stderr[-3000:])
-    running = [int(n) for n in re.findall(r"(\d+) running", driver.stdout)]
-    resources = re.search(r"Ray: (\d+) node\(s\), (\S+) CPUs, (\S+) GPUs", driver.stdout)
+    output, _ = search_on_local_cluster(nodes, NODE_CPUS, NODE_GPUS,
+                                        ["--config", str(CONFIG), "--data", data, *[a for s in sets for a in ("--set", s)]],
+                                        workdir / f"cluster{nodes}", port=6500 + nodes, dashboard_port=8400 + nodes)
+    running = [int(n) for n in re.findall(r"(\d+) running", output)]
+    resources = re.search(r"Ray: (\d+) node\(s\), (\S+) CPUs, (\S+) GPUs", output)
     return {"nodes": nodes, "cpus": float(resources[2]), "gpus": float(resources[3]), "trials": trials,
             "max_running": max(running)}
 

@@ -14,16 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
+from benchmarks.local_cluster import search_on_local_cluster
 from tuning.experiment import read_trial_results
-
-REPO = Path(__file__).resolve().parents[1]
-RECIPE = REPO / "cluster" / "local-cluster.sh"
 
 
 def search_args(data: str, trials: int, storage: Path, name: str) -> list[str]:
@@ -38,22 +33,9 @@ def search_args(data: str, trials: int, storage: Path, name: str) -> list[str]:
 
 
 def run_on_cluster(nodes: int, data: str, trials: int, workdir: Path) -> dict:
-    port, dashboard = 6400 + nodes, 8300 + nodes
-    env = {**os.environ, "PNEUMONIA_CLUSTER_DIR": f"/tmp/pb-{os.getpid()}-{nodes}", "RAY_PORT": str(port),
-           "RAY_DASHBOARD_PORT": str(dashboard), "RAY_AUTH_MODE": "token",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    subprocess.run(["bash", str(RECIPE), "start", str(nodes - 1), "1", "0"], env=env, check=True, timeout=300)
-    try:
-        started = time.perf_counter()
-        driver = subprocess.run(
-            [sys.executable, "-m", "tuning.search", "--address", f"127.0.0.1:{port}",
-             *search_args(data, trials, workdir, f"nodes{nodes}")],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
-        wall = time.perf_counter() - started
-        if driver.returncode != 0:
-            raise RuntimeError(driver.stdout[-3000:] + driver.stderr[-3000:])
-    finally:
-        subprocess.run(["bash", str(RECIPE), "stop"], env=env, timeout=120)
+    _, wall = search_on_local_cluster(nodes, 1, 0, search_args(data, trials, workdir, f"nodes{nodes}"),
+                                      Path(f"/tmp/pb-{os.getpid()}-{nodes}"), port=6400 + nodes,
+                                      dashboard_port=8300 + nodes)
     per_trial = []
     for rows in read_trial_results(workdir / f"nodes{nodes}").values():
         last = rows[-1]

@@ -50,7 +50,8 @@ def make_sampler(config: TuneConfig):
         try:
             import torch  # noqa: F401  (Optuna's GPSampler fits its Gaussian process with PyTorch)
         except ImportError as exc:
-            raise SearchError("sampler.kind: gp needs PyTorch (pip install torch); or use sampler.kind: tpe") from exc
+            raise SearchError("sampler.kind: gp needs PyTorch (pip install -e '.[gp]', or pip install torch); "
+                              "or use sampler.kind: tpe") from exc
         return optuna.samplers.GPSampler(seed=config.seed, n_startup_trials=settings.n_startup_trials)
     return optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=settings.n_startup_trials,
                                       multivariate=settings.multivariate, group=settings.group,

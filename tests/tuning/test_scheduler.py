@@ -56,6 +56,8 @@ def _wait_for_next_second(experiment: Path):
 def local_ray():
     import ray
 
+    if ray.is_initialized():  # a Ray of this process's own from an earlier test: this one needs one CPU
+        ray.shutdown()
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)  # one trial at a time
     try:
         yield

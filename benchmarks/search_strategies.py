@@ -12,7 +12,7 @@ search's. Each finished search is written to ``--json`` at once, and a rerun wit
 a benchmark that spans sittings resumes.
 
 Usage: python -m benchmarks.search_strategies --data ../shared/data/chest_xray [--trials 32] [--seeds 0,1,2]
-       [--strategies random,tpe,tpe-tuned,gp] [--targets 0.99,0.995] --json out.json [--plot docs/img/x.png]
+       [--strategies random,tpe,tpe-tuned,gp] [--targets 0.99,0.995,0.997] --json out.json [--plot docs/img/x.png]
 """
 
 from __future__ import annotations
@@ -158,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     # 0.97 and 0.98 were the first defaults; the first search (random, seed 0) reached both with its first
     # trials (in 33 and 50 s of 572), so they could not tell samplers apart; moved then, before any other
     # search had ended (the second, TPE seed 0, was running; its progress line showed 0.9968 so far).
-    parser.add_argument("--targets", default="0.99,0.995", help="validation AUCs for the time-to-target figures")
+    # 0.997 added when 6 of the 12 searches had ended: 0.99 and 0.995 fell to each search's first trials (34-195 s),
+    # random draws of the same distributions in every strategy (Optuna's start-up trials), so they measure the
+    # first draw's luck, not the sampler; one of those six searches had reached 0.997. The decision rule, fixed
+    # then: a sampler replaces today's TPE only if its median time to 0.997 is <= 0.7x random search's.
+    parser.add_argument("--targets", default="0.99,0.995,0.997", help="validation AUCs for the time-to-target figures")
     parser.add_argument("--set", action="append", default=[], help="extra overrides for every search")
     parser.add_argument("--json", required=True, help="the figures; finished searches found here are skipped")
     parser.add_argument("--plot", help="write the best-so-far plot here (PNG)")

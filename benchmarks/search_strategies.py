@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     # 0.97 and 0.98 were the first defaults; the first search (random, seed 0) reached both with its first
     # trials (in 33 and 50 s of 572), so they could not tell samplers apart; moved then, before any other
     # search had ended (the second, TPE seed 0, was running; its progress line showed 0.9968 so far).
-    # 0.997 added when 6 of the 12 searches had ended: 0.99 and 0.995 fell to each search's first trials (34-195 s),
+    # 0.997 added when 6 of the 12 searches had ended: 0.99 and 0.995 fell to each search's first trials (32-195 s),
     # random draws of the same distributions in every strategy (Optuna's start-up trials), so they measure the
     # first draw's luck, not the sampler; one of those six searches had reached 0.997. The decision rule, fixed
     # then: a sampler replaces today's TPE only if its median time to 0.997 is <= 0.7x random search's.

@@ -1,23 +1,25 @@
-"""Overload: open-loop load at 1x, 2x and 4x the endpoint's capacity, today's unbounded queue vs a bounded one.
+"""Overload: open-loop load at 0.1x-4x the endpoint's capacity, for several server settings in one run.
 
 A closed-loop client (``wrk``, ``benchmarks/serve_load.py``) waits for each answer before it sends the next
 request, so it can never offer more than the server takes and never shows what overload does. Here requests
 arrive at a fixed mean rate whatever the server answers (Poisson arrivals, each request its own asyncio task
 on a keep-alive pool that opens a connection whenever none is idle), as real clients do.
 
-For each server configuration (one Serve replica behind HAProxy, started as ``serve_load`` starts it):
-the unloaded latency (open loop at a tenth of the capacity), then open loop at 1x, 2x and 4x the capacity.
-The capacity is the *first* configuration's (closed loop, 32 requests in flight, the same client), so every
-configuration meets the same absolute rates. Per rate: requests sent, 200s, 503s (and how many carried
-``Retry-After``), others (timeouts, dropped connections, other statuses), p50/p99 latency of the accepted
-requests from their scheduled send time (so a late client does not hide server delay), the p99 time to a 503,
-the mean batch size, and the client's CPU share. No assertion on time: the figures go to BENCHMARKS.md.
+For each server configuration (one Serve replica behind HAProxy, started as ``serve_load`` starts it): a closed
+loop of ``--clients`` clients, then open loop at 0.1x, 0.5x, 1x, 2x and 4x the capacity (a phase below 1x lasts
+long enough for ``--min-requests``). The capacity is the *first* configuration's (closed loop, ``--concurrency``
+requests in flight, the same client), so every configuration meets the same absolute rates: put the unbounded
+endpoint first. Per rate: requests sent, 200s, 503s (and how many carried ``Retry-After``), others (timeouts,
+dropped connections, other statuses), goodput (200s per second within the phase), p50/p99 latency of the
+accepted requests from their scheduled send time (so a late client does not hide server delay), the p99 time to
+a 503, the mean batch size, and the client's CPU share. No assertion on time: the figures go to BENCHMARKS.md.
 
 Usage: python -m benchmarks.open_loop --package artifacts/VERSION --image X.jpeg [--seconds 20]
            [--config NAME:key=value,key=value ...] [--json out.json]
-(a ``--config`` holds ``ServeSettings`` fields, and ``bound=haproxy`` (default: HAProxy keeps a bounded queue,
-as ``pneumonia serve`` has it, ``serving/haproxy_wrapper.py``) or ``bound=replica`` (only the replica turns the
-excess away, as before); default configs: ``before`` = the unbounded queue, ``after`` = the settings' defaults.)
+(a ``--config`` holds ``ServeSettings`` fields, and ``bound=haproxy`` (default: HAProxy keeps the bound, as
+``pneumonia serve`` has it, ``serving/haproxy_wrapper.py``) or ``bound=replica`` (only the replica turns the
+excess away); default configs: ``unbounded`` (no bound at all), ``count`` (the default before the waiting-time
+budget: 2 requests at once + 1 waiting per replica, no time bound), ``budget`` (the settings' defaults).)
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ from benchmarks.serve_load import (
 from serving.ingress import HAPROXY_ENV, HAPROXY_PORTS, free_port
 
 TIMEOUT_S = 30.0  # a request unanswered this long counts as "other" (a client gives up)
+MULTIPLES = (0.1, 0.5, 1, 2, 4)
+# the endpoint's default before the waiting-time budget: 2 requests at once and 1 waiting per replica, by count
+COUNT_BOUND = {"max_ongoing_requests": 2, "max_queued_requests": 1, "queue_timeout_ms": 0}
 
 
 @dataclass
@@ -94,20 +99,22 @@ async def open_loop(url: str, body: bytes, rate: float, seconds: float, seed: in
         return list(await asyncio.gather(*tasks))
 
 
-async def closed_loop(url: str, body: bytes, concurrency: int, seconds: float) -> float:
-    """Answers per second with ``concurrency`` requests always in flight: the capacity."""
-    done = 0
+async def closed_loop(url: str, body: bytes, concurrency: int, seconds: float) -> tuple[float, int, int]:
+    """(200s per second, 200s, other answers) with ``concurrency`` clients, each sending its next request as soon
+    as its last is answered; with an unbounded server, the capacity."""
+    done = refused = 0
     async with session() as client:
         end = time.perf_counter() + seconds
 
         async def worker():
-            nonlocal done
+            nonlocal done, refused
             while time.perf_counter() < end:
                 answer = await post(client, url, body, time.perf_counter())
                 done += answer.status == 200
+                refused += answer.status != 200
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return done / (time.perf_counter() - start)
+        return done / (time.perf_counter() - start), done, refused
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -122,7 +129,9 @@ def summarise(answers: list[Answer], rate: float, seconds: float, client_cpu_s: 
     rejected = [a for a in answers if a.status == 503]
     p50, p99 = percentile(accepted, 50), percentile(accepted, 99)
     return {"rate": rate, "sent": len(answers), "ok": len(accepted), "rejected": len(rejected),
+            "refused_share": len(rejected) / max(1, len(answers)),
             "rejected_with_retry_after": sum(a.retry_after for a in rejected),
+            "rejected_after_100ms": sum(a.seconds > 0.1 for a in rejected),  # waited in the queue (its timeout)
             "other": len(answers) - len(accepted) - len(rejected),
             "timeouts": sum(a.status == 0 for a in answers),
             "goodput": sum(a.status == 200 and a.done <= seconds for a in answers) / seconds,  # 200s/s in the phase
@@ -156,9 +165,9 @@ def load_phase(url: str, body: bytes, rate: float, seconds: float, server: int) 
 
 
 def measure(name: str, settings: dict, package: str, image: Path, seconds: float, capacity: float | None,
-            log: Path) -> dict:
-    """Unloaded latency and 1x, 2x, 4x ``capacity`` for one server configuration; ``capacity`` None: measure
-    this configuration's own first (a bounded queue would answer a closed loop of 32 with 503s)."""
+            log: Path, concurrency: int = 64, clients: int = 32, min_requests: int = 2000) -> dict:
+    """One server configuration at MULTIPLES of ``capacity``, then ``clients`` closed-loop clients; ``capacity``
+    None: measure this configuration's own first (closed loop, ``concurrency`` in flight)."""
     from serving.launch import APP_NAME
     from serving.settings import ServeSettings
 
@@ -166,34 +175,62 @@ def measure(name: str, settings: dict, package: str, image: Path, seconds: float
     settings = dict(settings)
     where = settings.pop("bound", "haproxy")
     env = {**os.environ, **HAPROXY_ENV, **{key: str(free_port()) for key in HAPROXY_PORTS}}
-    queue = ServeSettings.parse({"package": package, **settings}).haproxy_queue(APP_NAME) if where == "haproxy" else None
-    process = start_server(serve_command(package, port, settings, queue), env, log)
+    queue = ServeSettings.parse({"package": package, "replicas": 1, **settings}).haproxy_queue(APP_NAME)
+    process = start_server(serve_command(package, port, settings, queue if where == "haproxy" else None), env, log)
     url = f"http://127.0.0.1:{port}/predict"
     body = image.read_bytes()
     try:
         wait_ready(url, body)
         run(closed_loop(url, body, 8, 3))  # warm-up
         if capacity is None:
-            capacity = run(closed_loop(url, body, 32, seconds))
-            print(f"{name}: capacity {capacity:.1f} req/s (closed loop, 32 in flight)", flush=True)
-        unloaded = load_phase(url, body, capacity / 10, seconds, process.pid)
-        print(f"{name}: unloaded (0.1x) p50 {unloaded['p50_ms']:.1f} ms, p99 {unloaded['p99_ms']:.1f} ms", flush=True)
+            tries = sorted(run(closed_loop(url, body, concurrency, seconds))[0] for _ in range(3))
+            capacity = tries[1]  # the median of three: two-core figures here move by 10-20 % from one to the next
+            print(f"{name}: capacity {capacity:.1f} req/s (closed loop, {concurrency} in flight; median of "
+                  f"{', '.join(f'{t:.1f}' for t in tries)})", flush=True)
+        # before the open loop: an unbounded server still works through what a client gave up on after an overload
+        per_s, ok, refused = run(closed_loop(url, body, clients, seconds))
+        closed = {"clients": clients, "ok_per_s": per_s, "ok": ok, "refused": refused}
+        print(f"{name}: {clients} closed-loop clients: {per_s:.1f} answered/s ({per_s / capacity:.2f}x capacity), "
+              f"{ok} answered, {refused} refused", flush=True)
         rows = []
-        for multiple in (1, 2, 4):
+        for multiple in MULTIPLES:
             rate = capacity * multiple
-            row = {"multiple": multiple, **load_phase(url, body, rate, seconds, process.pid)}
+            phase = max(seconds, min_requests / rate) if multiple < 1 else seconds
+            row = {"multiple": multiple, "seconds": phase, **load_phase(url, body, rate, phase, process.pid)}
             rows.append(row)
-            print(f"{name}: {multiple}x ({rate:.0f}/s) sent {row['sent']} ok {row['ok']} 503 {row['rejected']} "
-                  f"(Retry-After {row['rejected_with_retry_after']}) other {row['other']} "
-                  f"p50 {row['p50_ms'] or float('nan'):.1f} p99 {row['p99_ms'] or float('nan'):.1f} ms "
-                  f"(x{(row['p99_ms'] or float('nan')) / unloaded['p99_ms']:.2f} unloaded) "
-                  f"p99 to 503 {row['p99_to_503_ms'] or float('nan'):.1f} ms batch {row['mean_batch']:.1f} "
-                  f"client CPU {100 * row['client_cpu_share']:.0f} %", flush=True)
+            print(f"{name}: {multiple}x ({rate:.0f}/s, {phase:.0f} s) sent {row['sent']} ok {row['ok']} "
+                  f"503 {row['rejected']} ({100 * row['refused_share']:.1f} %, Retry-After "
+                  f"{row['rejected_with_retry_after']}, after 100 ms {row['rejected_after_100ms']}) other {row['other']} goodput {row['goodput']:.1f}/s "
+                  f"({row['goodput'] / capacity:.2f}x capacity) p50 {row['p50_ms'] or float('nan'):.1f} "
+                  f"p99 {row['p99_ms'] or float('nan'):.1f} ms, p99 to 503 {row['p99_to_503_ms'] or float('nan'):.1f} "
+                  f"ms, batch {row['mean_batch']:.1f}, client CPU {100 * row['client_cpu_share']:.0f} %", flush=True)
             print(f"      server CPU s by process: {row['server_cpu_seconds']}", flush=True)
-        kept_by = "none" if settings.get("max_queued_requests") == -1 else where
-        return {"settings": settings, "bound": kept_by, "capacity": capacity, "unloaded": unloaded, "rates": rows}
+        kept_by = "none" if queue is None else where
+        return {"settings": settings, "bound": kept_by, "capacity": capacity, "rates": rows, "closed_loop": closed}
     finally:
         stop_server(process)
+
+
+def table(results: dict) -> str:
+    """The run as a markdown table (BENCHMARKS.md): one row per server and load."""
+    def ms(value):
+        return "" if value is None else f"{value:.0f}"
+
+    capacity = next(iter(results["configs"].values()))["capacity"]
+    header = ("| server | load | sent | answered/s (x capacity) | refused (503) | timed out or failed | accepted p50 / "
+              "p99 ms | 503 p99 ms | mean batch |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    for name, result in results["configs"].items():
+        for row in result["rates"]:
+            lines.append(f"| {name} | {row['multiple']:g}x ({row['rate']:.0f}/s) | {row['sent']:,} | "
+                         f"{row['goodput']:.0f} ({row['goodput'] / capacity:.2f}x) | {100 * row['refused_share']:.1f} % "
+                         f"({row['rejected']:,}) | {row['other']:,} | {ms(row['p50_ms'])} / {ms(row['p99_ms'])} | "
+                         f"{ms(row['p99_to_503_ms'])} | {row['mean_batch']:.1f} |")
+    for name, result in results["configs"].items():
+        closed = result["closed_loop"]
+        lines.append(f"\n{name}: {closed['clients']} closed-loop clients: {closed['ok_per_s']:.0f} answered/s "
+                     f"({closed['ok_per_s'] / capacity:.2f}x capacity), {closed['refused']:,} refused")
+    return "\n".join(lines)
 
 
 def parse_config(text: str) -> tuple[str, dict]:
@@ -220,19 +257,25 @@ def main() -> None:
                         help="NAME:key=value,... (ServeSettings fields, and bound=haproxy|replica: where a bounded "
                              "queue is kept, HAProxy as `pneumonia serve` does, or only the replica as before)")
     parser.add_argument("--capacity", type=float, help="req/s measured before (default: measure it)")
+    parser.add_argument("--concurrency", type=int, default=64, help="requests in flight when measuring the capacity")
+    parser.add_argument("--clients", type=int, default=32, help="closed-loop clients after the open-loop phases")
+    parser.add_argument("--min-requests", type=int, default=2000, help="requests sent at least in a phase below 1x")
     parser.add_argument("--json")
     args = parser.parse_args()
-    configs = [parse_config(c) for c in args.config or []] or [("before", UNBOUNDED), ("after", {})]
+    configs = [parse_config(c) for c in args.config or []] or [("unbounded", UNBOUNDED), ("count", COUNT_BOUND),
+                                                                ("budget", {})]
     package, image = str(Path(args.package).resolve()), Path(args.image).resolve()
     results: dict = {"machine": f"{os.cpu_count()} CPUs", "seconds": args.seconds, "configs": {}}
     capacity = args.capacity
     with tempfile.TemporaryDirectory() as tmp:
         for name, settings in configs:
-            result = measure(name, settings, package, image, args.seconds, capacity, Path(tmp) / f"{name}.log")
+            result = measure(name, settings, package, image, args.seconds, capacity, Path(tmp) / f"{name}.log",
+                             args.concurrency, args.clients, args.min_requests)
             results["configs"][name] = result
             capacity = result["capacity"]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    print(table(results))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from serving.ingress import HAPROXY_ENV, HAPROXY_PORTS, free_port
 DEFAULT_VARIANTS = ("keras 1x1:replicas=1,num_cpus=1,runtime=keras", "1x1:replicas=1,num_cpus=1",
                     "1x2:replicas=1,num_cpus=2", "2x1:replicas=2,num_cpus=1")
 # the closed-loop throughput setting the serving targets were measured with: every client's request admitted
-DEFAULT_BASE = "max_ongoing_requests=32,max_queued_requests=-1"
+DEFAULT_BASE = "max_queued_requests=-1,queue_timeout_ms=0"
 
 
 def parse_variant(text: str, base: str = "") -> tuple[str, dict, str]:

@@ -101,10 +101,11 @@ def run_end_to_end(config_path: str | None = None, address: str | None = None, d
     address = resolve_address(address)  # inside `ray job submit`: that cluster (RAY_ADDRESS)
     data_path = resolve_data(data, log)
     if not address:  # the local Ray started below serves too: its port and HTTP ingress are settled first
-        from serving.settings import haproxy_queue  # pydantic: kept off `pneumonia --help`
+        from serving.settings import ServeSettings  # pydantic: kept off `pneumonia --help`
 
         claim_port(port, log)
-        log(f"HTTP ingress: {set_ingress_environment(ingress, port, haproxy_queue(APP_NAME))}")  # serve_model's defaults
+        queue = ServeSettings.parse({"package": "-"}).haproxy_queue(APP_NAME)  # serve_model's defaults
+        log(f"HTTP ingress: {set_ingress_environment(ingress, port, queue)}")
     config = load_config(TuneConfig, config_path or DEFAULT_CONFIG, [*(overrides or []), f"train.data.path={data_path}"])
     best = run_search(config, address, log=log)
     experiment = Path(best["checkpoint_path"]).parent if is_remote(config.storage_path) else Path(best["experiment"])

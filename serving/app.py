@@ -4,8 +4,8 @@
     serve deploy serving/config.yaml           # its args are ServeSettings (serving/settings.py)
 
 The request handling lives in ``serving.service`` (plain Python); this module adds what only Serve does:
-``@serve.batch`` around the model call, autoscaling, a bounded queue (``max_queued_requests``: past it Serve
-answers 503 with ``Retry-After`` before the request reaches the replica), health checks, hot swaps of the
+``@serve.batch`` around the model call, autoscaling, what a replica takes at once and Serve's own count bound
+(the waiting-time bound is HAProxy's: ``serving.settings``), health checks, hot swaps of the
 package through the deployment's ``user_config`` (``reconfigure``), and the metrics (``serving.metrics``).
 
 (No ``from __future__ import annotations`` here: FastAPI must see the route parameters' real types.)
@@ -27,9 +27,8 @@ from models.runtime import configure_tensorflow
 from serving.metrics import EndpointMetrics
 from serving.schema import PREDICT_REQUEST, Health, Metadata, Prediction, errors
 from serving.service import ClassifierService, Refused
-from serving.settings import AUTOSCALING, ServeSettings
+from serving.settings import AUTOSCALING, MAX_BATCH_SIZE, ServeSettings
 
-MAX_BATCH = 32
 api = FastAPI(title="Pneumonia classifier", description="Chest X-ray pneumonia classification (research use only).")
 
 
@@ -59,7 +58,7 @@ class Classifier:
         self.metrics = EndpointMetrics(serve.get_replica_context().app_name)
         # a batch never holds more than the requests the replica takes at once: with a full one it need not
         # wait out batch_wait_timeout_s for requests Serve will not let in
-        self._predict_batch.set_max_batch_size(min(MAX_BATCH, settings.max_ongoing_requests))
+        self._predict_batch.set_max_batch_size(settings.batch)
 
     def reconfigure(self, user_config: dict) -> None:
         """Load (or swap to) the package at ``user_config['package']``; checksums verified, safe mode."""
@@ -72,7 +71,7 @@ class Classifier:
         if hasattr(self, "metrics"):
             self.metrics.close()
 
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=0.005)
     async def _predict_batch(self, images: "list[np.ndarray]") -> "list[tuple[float, float | None, int]]":
         start = time.perf_counter()
         scored = self.service.predict_batch(images)

@@ -18,8 +18,12 @@ with Ray's arguments unchanged. The process keeps its pid (Ray reloads it with `
   line is not found is not started: HAProxy would otherwise put the page on every interface.
 - :func:`bounded_config`, for each application ``$PNEUMONIA_HAPROXY_QUEUE`` gives a bound: each replica server gets
   ``maxconn`` = ``max_ongoing_requests`` (HAProxy holds the rest in its own queue and hands each on as a slot
-  frees), and a request that finds ``max_queued_requests`` per replica already waiting is answered 503 with
-  ``Retry-After`` by HAProxy, before any Python runs. The replica's own bound stays behind it.
+  frees); a request waits there at most the budget (``timeout queue``), and one that finds more requests ahead of
+  it than the replicas drain in half the budget (``GATE_SHARE``) is answered 503 with ``Retry-After`` at once,
+  before any Python runs.
+  The drain rate is HAProxy's own count of requests handed to the replicas in the last second
+  (``srv_sess_rate``), and never taken as less than one batch per replica per budget. A length bound per
+  replica guards memory.
 
 Only the standard library here: it runs at every HAProxy start and reload.
 """
@@ -35,14 +39,17 @@ import sys
 from pathlib import Path
 
 REAL_BINARY_ENV = "PNEUMONIA_HAPROXY_BINARY"  # the HAProxy the wrapper execs
-QUEUE_ENV = "PNEUMONIA_HAPROXY_QUEUE"  # "APP=MAX_ONGOING,MAX_QUEUED,RETRY_AFTER_S;...": bounds HAProxy keeps
+QUEUE_ENV = "PNEUMONIA_HAPROXY_QUEUE"  # "APP=MAX_ONGOING,MAX_QUEUED,RETRY_AFTER_S,QUEUE_TIMEOUT_MS,BATCH;...": bounds HAProxy keeps
 WRAPPER_NAME = "haproxy-loopback"
 SECTIONS = ("listen stats", "frontend prometheus")  # HAProxy's stats page, its Prometheus exporter
 LOOPBACK = "127.0.0.1"
 REPLICA_PREFIX = "SERVE_REPLICA"  # Ray's name for a replica's server line (its fallback proxy is a backup)
 BOUND_MARK = "# pneumonia: queue bound"  # on the lines bounded_config adds: a reload does not add them twice
+# A request is refused at once when the queue ahead of it takes more than this share of the budget to drain at the
+# last second's rate; `timeout queue` at the whole budget catches one the drain slowed for (a 503 after the budget).
+# At the whole budget the gate let the queue reach it, and a third of the 503s at 2-4x came only after it.
+GATE_SHARE = 0.5
 _BIND = re.compile(r"^(\s*bind\s+)(\S*?):(\d+)(\s.*)?$")  # bind [ADDRESS]:PORT [options]
-_USE_BACKEND = re.compile(r"^(\s*)use_backend\s+(\S+)\s+if\s+is_(\S+)\s*$")  # Ray's path routing, one per app
 
 
 def _sections(text: str):
@@ -83,50 +90,71 @@ def loopback_config(text: str, host: str = LOOPBACK) -> str:
     return "".join(lines)
 
 
-def parse_queues(value: str) -> dict[str, tuple[int, int, float]]:
-    """``APP=MAX_ONGOING,MAX_QUEUED,RETRY_AFTER_S[;APP=...]`` (``$PNEUMONIA_HAPROXY_QUEUE``) as {app: bound}; a
-    ValueError saying what is wrong."""
+def parse_queues(value: str) -> dict[str, tuple[int, int, float, int, int]]:
+    """``APP=MAX_ONGOING,MAX_QUEUED,RETRY_AFTER_S,QUEUE_TIMEOUT_MS,BATCH[;APP=...]`` (``$PNEUMONIA_HAPROXY_QUEUE``)
+    as {app: bound}; a ValueError saying what is wrong."""
+    form = "APP=MAX_ONGOING,MAX_QUEUED,RETRY_AFTER_S,QUEUE_TIMEOUT_MS,BATCH[;...]"
     queues = {}
     for part in filter(None, value.split(";")):
         try:
             app, numbers = part.split("=")
-            ongoing, queued, retry_after = numbers.split(",")
-            bound = int(ongoing), int(queued), float(retry_after)
+            ongoing, queued, retry_after, timeout_ms, batch = numbers.split(",")
+            bound = int(ongoing), int(queued), float(retry_after), int(timeout_ms), int(batch)
         except ValueError:
-            raise ValueError(f"${QUEUE_ENV} must be APP=MAX_ONGOING,MAX_QUEUED,RETRY_AFTER_S[;...] (got {value!r})") from None
-        if not app or bound[0] < 1 or bound[1] < 1 or bound[2] < 0:
-            raise ValueError(f"${QUEUE_ENV}: an application name, MAX_ONGOING and MAX_QUEUED >= 1 and RETRY_AFTER_S "
-                             f">= 0 (got {value!r})")
+            raise ValueError(f"${QUEUE_ENV} must be {form} (got {value!r})") from None
+        ongoing, queued, retry_after, timeout_ms, batch = bound
+        if not app or ongoing < 1 or queued == 0 or queued < -1 or retry_after < 0 or timeout_ms < 0 or batch < 1:
+            raise ValueError(f"${QUEUE_ENV}: an application name, MAX_ONGOING and BATCH >= 1, MAX_QUEUED -1 or >= 1, "
+                             f"RETRY_AFTER_S and QUEUE_TIMEOUT_MS >= 0 (got {value!r})")
         queues[app] = bound
     return queues
 
 
-def bounded_config(text: str, queues: dict[str, tuple[int, int, float]]) -> str:
+def _backend_rules(backend: str, servers: list[str], bound: tuple[int, int, float, int, int]) -> list[str]:
+    """The lines that keep ``bound`` at the top of ``backend``, whose replica servers are ``servers``."""
+    max_ongoing, max_queued, retry_after_s, timeout_ms, batch = bound
+    retry_after = math.ceil(retry_after_s)
+    body = json.dumps(json.dumps({"detail": f"the endpoint is at capacity: retry after {retry_after} s"}))
+    refuse = f"status 503 content-type application/json string {body} hdr Retry-After {retry_after}"
+    guard = max_queued * len(servers) if max_queued > 0 else None
+    waiting = f"{timeout_ms} ms waiting at most" if timeout_ms else "no time bound"
+    length = "no length bound" if guard is None else f"{guard} waiting in all at most"
+    lines = [f"{BOUND_MARK}: {max_ongoing} at once per replica, {waiting}, {length}",
+             f"http-error {refuse}"]  # also the answer to a request that waited out `timeout queue`
+    if timeout_ms:
+        drain, depth, floor = "txn.pneumonia_drain", "txn.pneumonia_depth", batch * len(servers)
+        lines += [f"timeout queue {timeout_ms}ms",
+                  f"http-request set-var({drain}) int(0)",
+                  *(f"http-request set-var({drain}) srv_sess_rate({backend}/{server}),add({drain})" for server in servers),
+                  f"http-request set-var({depth}) var({drain}),mul({round(GATE_SHARE * timeout_ms)}),div(1000)",
+                  f"http-request set-var({depth}) int({floor}) if {{ var({depth}) -m int lt {floor} }}",
+                  f"http-request return {refuse} if {{ queue,sub({depth}) ge 0 }}"]
+    if guard is not None:
+        lines.append(f"http-request return {refuse} if {{ queue ge {guard} }}")
+    return lines
+
+
+def bounded_config(text: str, queues: dict[str, tuple[int, int, float, int, int]]) -> str:
     """``text`` with the queue of each Serve application in ``queues`` ({app: (max_ongoing, max_queued,
-    retry_after_s)}) kept by HAProxy: ``maxconn max_ongoing`` on each of its replica servers, and a 503 with
-    ``Retry-After`` for a request that finds ``max_queued`` per replica waiting. Ray names an application's
-    backend ``http-APP``. A config already bounded is returned as it is."""
+    retry_after_s, queue_timeout_ms, batch)}) kept by HAProxy: ``maxconn max_ongoing`` on each of its replica
+    servers, and a 503 with ``Retry-After`` for a request that would wait longer than ``queue_timeout_ms`` or
+    finds ``max_queued`` per replica waiting. Ray names an application's backend ``http-APP``. A config already
+    bounded is returned as it is."""
     if BOUND_MARK in text:
         return text
     bounds = {f"http-{app}": bound for app, bound in queues.items()}
-    replicas: dict[str, int] = {}  # backend -> its replica servers
+    servers: dict[str, list[str]] = {}  # backend -> its replica servers
     for section, _, line in _sections(text):
         if _backend(section) in bounds and _replica_server(line):
-            replicas[_backend(section)] = replicas.get(_backend(section), 0) + 1
+            servers.setdefault(_backend(section), []).append(line.split()[1])
     lines = []
-    for section, _, line in _sections(text):
-        if _backend(section) in replicas and _replica_server(line):
-            line = f"{line.rstrip()} maxconn {bounds[_backend(section)][0]}\n"
-        use = _USE_BACKEND.match(line.rstrip("\r\n")) if section and section.startswith("frontend ") else None
-        if use and use[2] in replicas and use[3] == use[2]:
-            backend = use[2]
-            max_ongoing, max_queued, retry_after_s = bounds[backend]
-            depth, retry_after = max_queued * replicas[backend], math.ceil(retry_after_s)
-            body = json.dumps(json.dumps({"detail": f"the endpoint is at capacity: retry after {retry_after} s"}))
-            lines.append(f"{use[1]}{BOUND_MARK}: {max_ongoing} at once per replica, {depth} waiting in all\n")
-            lines.append(f"{use[1]}http-request return status 503 content-type application/json string {body} "
-                         f"hdr Retry-After {retry_after} if is_{backend} {{ queue({backend}) ge {depth} }}\n")
+    for section, header, line in _sections(text):
+        backend = _backend(section)
+        if backend in servers and _replica_server(line):
+            line = f"{line.rstrip()} maxconn {bounds[backend][0]}\n"
         lines.append(line)
+        if header and backend in servers:
+            lines += [f"    {rule}\n" for rule in _backend_rules(backend, servers[backend], bounds[backend])]
     return "".join(lines)
 
 

@@ -17,14 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.errors import PneumoniaError
 
 TOKEN_ENV = "PNEUMONIA_API_TOKEN"
-AUTOSCALING = {"min_replicas": 1, "max_replicas": 2}  # target_ongoing_requests: half of max_ongoing_requests
-# The queue's bound (BENCHMARKS.md, "Overload"): a replica works on MAX_ONGOING requests at once and MAX_QUEUED more
-# wait; past them the endpoint answers 503 with Retry-After at once (by HAProxy for a local server:
-# serving/haproxy_wrapper.py). Every request admitted waits for those ahead of it and shares a batch with them, so
-# only a queue this shallow kept p99 within 2x an idle endpoint's at 4x the capacity on 2 cores (1.87x; 2.31x with
-# 3 at once), at the price of small batches: 0.88x the requests/s of 3 at once at capacity.
-MAX_ONGOING = 2
-MAX_QUEUED = 1
+AUTOSCALING = {"min_replicas": 1, "max_replicas": 2}  # target_ongoing_requests: max_batch_size (a full batch)
+# Overload (BENCHMARKS.md, "Serving under overload"). What a client cares about is how long it waits, so the bound is
+# a waiting-time budget, kept by HAProxy: a request that would wait longer than QUEUE_TIMEOUT_MS for a replica is
+# answered 503 with Retry-After, at once when the queue ahead of it is already longer than the replicas drain in the
+# budget, and after the budget at the latest. A replica takes two batches at once (one in the model, one gathering),
+# so its batches stay full under load; a count of 2-3 requests starved them (1.9-2.0 films per model call, half
+# the throughput). The queue's length is bounded too, per replica, only as a memory guard.
+QUEUE_TIMEOUT_MS = 500
+MAX_BATCH_SIZE = 32
+QUEUE_GUARD_BATCHES = 16  # HAProxy's memory guard: at most this many batches waiting per replica
 RETRY_AFTER_S = 1.0
 
 
@@ -46,18 +48,42 @@ class ServeSettings(BaseModel):
     auth_token: str = Field("", repr=False, description=f"bearer token for /predict; empty = ${TOKEN_ENV}, or no auth")
     allow_unauthenticated: bool = Field(False, description="listen beyond loopback without a token (warned, also "
                                                            "in /metadata); refused otherwise")
-    max_ongoing_requests: int = Field(MAX_ONGOING, gt=0, description="requests a replica works on at once (reading, "
-                                                                     "decoding, in the model's batch)")
-    max_queued_requests: int = Field(MAX_QUEUED, ge=-1, description="requests waiting for a replica beyond those; past "
-                                                                    "them the endpoint answers 503 at once; -1 = no bound")
+    queue_timeout_ms: int = Field(QUEUE_TIMEOUT_MS, ge=0, description="the longest a request waits for a replica "
+                                  "(HAProxy ingress); one that would wait longer is answered 503. The client's "
+                                  "patience minus one model call; 0 = no time bound")
+    max_batch_size: int = Field(MAX_BATCH_SIZE, gt=0, description="films per model call at most (@serve.batch)")
+    max_ongoing_requests: int | None = Field(None, gt=0, description="requests a replica works on at once (reading, "
+                                             "decoding, in the model's batch); default 2 x max_batch_size")
+    max_queued_requests: int | None = Field(None, ge=-1, description="requests waiting per replica at most: with "
+                                            "HAProxy a memory guard behind the budget (default 16 batches), with "
+                                            "the Python ingress the only bound (default one batch); -1 = no bound")
     retry_after_s: float = Field(RETRY_AFTER_S, ge=0, description="the Retry-After header of that 503, in seconds (rounded up)")
 
     @field_validator("max_queued_requests")
     @classmethod
-    def _positive_or_unbounded(cls, value: int) -> int:
+    def _positive_or_unbounded(cls, value: int | None) -> int | None:
         if value == 0:  # Serve's own rule: 0 would refuse every request that finds the replica busy
             raise ValueError("must be -1 (no bound) or at least 1")
         return value
+
+    @property
+    def ongoing(self) -> int:
+        """Requests a replica takes at once: ``max_ongoing_requests``, by default two batches (one in the model,
+        the next gathering), so that batches stay full under load."""
+        return self.max_ongoing_requests or 2 * self.max_batch_size
+
+    @property
+    def batch(self) -> int:
+        """Films per model call: ``max_batch_size``, never more than the requests a replica takes at once."""
+        return min(self.max_batch_size, self.ongoing)
+
+    def queued(self, ingress: str = "haproxy") -> int:
+        """Requests waiting per replica at most: ``max_queued_requests``, by default a memory guard of
+        QUEUE_GUARD_BATCHES batches behind HAProxy's budget, or one batch for the Python ingress, where Serve offers
+        a count bound only (its proxy bounds no waiting time); -1 = none."""
+        if self.max_queued_requests is not None:
+            return self.max_queued_requests
+        return QUEUE_GUARD_BATCHES * self.batch if ingress == "haproxy" else self.batch
 
     @classmethod
     def parse(cls, args: dict[str, Any] | ServeSettings) -> ServeSettings:
@@ -101,14 +127,17 @@ class ServeSettings(BaseModel):
 
     def haproxy_queue(self, app: str) -> str | None:
         """The bound the HAProxy of a local server keeps for application ``app`` with these settings."""
-        return haproxy_queue(app, self.max_ongoing_requests, self.max_queued_requests, self.retry_after_s)
+        return haproxy_queue(app, self.ongoing, self.queued("haproxy"), self.retry_after_s, self.queue_timeout_ms,
+                             self.batch)
 
     def deployment_options(self) -> dict[str, Any]:
-        """Serve options of the classifier deployment: replicas or autoscaling, CPUs, the package to load."""
+        """Serve options of the classifier deployment: replicas or autoscaling, CPUs, the package to load, what
+        a replica takes at once, and Serve's own count bound (the Python ingress's; behind HAProxy a replica
+        never holds more than ``max_ongoing_requests``, so it never applies)."""
         options: dict[str, Any] = {"user_config": {"package": self.package},
                                    "ray_actor_options": {"num_cpus": self.num_cpus},
-                                   "max_ongoing_requests": self.max_ongoing_requests,
-                                   "max_queued_requests": self.max_queued_requests,
+                                   "max_ongoing_requests": self.ongoing,
+                                   "max_queued_requests": self.queued("python"),
                                    "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s}}
         if self.replicas:
             options.update(num_replicas=self.replicas, autoscaling_config=None)
@@ -117,25 +146,32 @@ class ServeSettings(BaseModel):
         return options
 
     def autoscaling_config(self) -> dict[str, Any]:
-        """AUTOSCALING with ``autoscaling`` over it; the target half of ``max_ongoing_requests`` unless set."""
-        return {**AUTOSCALING, "target_ongoing_requests": self.max_ongoing_requests / 2, **self.autoscaling}
+        """AUTOSCALING with ``autoscaling`` over it. The target is a full batch: a replica holding more is
+        gathering its next batch while one runs, so a second replica starts when batches are full, not when one
+        request waits."""
+        return {**AUTOSCALING, "target_ongoing_requests": self.batch, **self.autoscaling}
 
     @model_validator(mode="after")
     def _target_below_the_limit(self) -> ServeSettings:
         """A replica never holds more than ``max_ongoing_requests``: a target at or above it never scales up."""
         target = self.autoscaling_config()["target_ongoing_requests"]
-        if not self.replicas and target >= self.max_ongoing_requests:
+        if not self.replicas and target >= self.ongoing:
             raise ValueError(f"autoscaling.target_ongoing_requests ({target}) must be below max_ongoing_requests "
-                             f"({self.max_ongoing_requests}), or a replica never counts enough requests to scale up")
+                             f"({self.ongoing}), or a replica never counts enough requests to scale up (the default target is "
+                             f"max_batch_size, the default max_ongoing_requests twice that)")
         return self
 
 
-def haproxy_queue(app: str, max_ongoing: int = MAX_ONGOING, max_queued: int = MAX_QUEUED,
-                  retry_after_s: float = RETRY_AFTER_S) -> str | None:
+def haproxy_queue(app: str, max_ongoing: int, max_queued: int, retry_after_s: float = RETRY_AFTER_S,
+                  queue_timeout_ms: int = QUEUE_TIMEOUT_MS, batch: int = 1) -> str | None:
     """``$PNEUMONIA_HAPROXY_QUEUE`` for a local server of application ``app`` (``serving.haproxy_wrapper``):
-    HAProxy sends a replica at most ``max_ongoing`` requests, holds ``max_queued`` per replica and answers the
-    rest 503 itself; None for an unbounded queue (``max_queued`` -1)."""
-    return None if max_queued == -1 else f"{app}={max_ongoing},{max_queued},{retry_after_s:g}"
+    HAProxy sends a replica at most ``max_ongoing`` requests at once, lets a request wait ``queue_timeout_ms``
+    at most (0: no time bound), ``max_queued`` per replica at most (-1: no guard), and answers the rest 503
+    itself; ``batch``: what a replica drains per model call, the least it is assumed to drain in the budget.
+    None when nothing is bounded."""
+    if max_queued == -1 and not queue_timeout_ms:
+        return None
+    return f"{app}={max_ongoing},{max_queued},{retry_after_s:g},{queue_timeout_ms},{batch}"
 
 
 def is_loopback(host: str | None) -> bool:

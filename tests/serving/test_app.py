@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 TOKEN = "test-token-0123"
 # the endpoint before its queue was bounded: these tests send up to 32 requests at once and expect each answered
 # (the bound has its own test, test_every_metric_is_exported_where_ray_exports_its_own_and_a_full_queue_answers_503)
-UNBOUNDED = {"max_ongoing_requests": 32, "max_queued_requests": -1}
+UNBOUNDED = {"max_queued_requests": -1, "queue_timeout_ms": 0}
 METERED_QUEUE = (1, 1, 2)  # max_ongoing_requests, max_queued_requests, retry_after_s of the metrics test's app
 TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8", "batch_size=8",
         "mixed_precision=float32", "epochs=1"]

@@ -1,6 +1,7 @@
 """Choosing Serve's HTTP ingress before a local Ray starts, HAProxy's stats and metrics on loopback and the
 endpoint's queue bounded in HAProxy, and the refusal of an endpoint beyond loopback without a token."""
 
+import json
 import os
 import re
 import signal
@@ -13,7 +14,7 @@ from cli.main import main
 from models.config import ConfigError
 from serving.haproxy_wrapper import QUEUE_ENV, REAL_BINARY_ENV, loopback_config, rewrite, write_wrapper
 from serving.ingress import HAPROXY_ENV, HAPROXY_PATHS, HAPROXY_PORTS, PROXY_PATIENCE_ENV, set_ingress_environment
-from serving.settings import MAX_ONGOING, MAX_QUEUED, TOKEN_ENV, ServeSettings, ServeSettingsError, haproxy_queue
+from serving.settings import TOKEN_ENV, ServeSettings, ServeSettingsError, haproxy_queue
 
 
 @pytest.fixture
@@ -128,29 +129,166 @@ def _rays_config(tmp_path, apps: dict[str, int]) -> str:
 
 
 def test_haproxy_keeps_the_bound_of_the_applications_given_it_and_its_config_stays_valid(clean_env, tmp_path):
-    """`pneumonia serve`'s queue in HAProxy: at most max_ongoing requests in each replica, max_queued per
-    replica waiting, the rest 503 with Retry-After from HAProxy itself; an application not named keeps
+    """`pneumonia serve`'s queue in HAProxy: at most max_ongoing requests in each replica, a waiting-time budget, a
+    length guard per replica, the rest 503 with Retry-After from HAProxy itself; an application not named keeps
     Ray's config; HAProxy accepts the result."""
     text = _rays_config(tmp_path, {"pneumonia": 2, "other": 1})
-    bounded = rewrite(text, f"{haproxy_queue('pneumonia', 3, 1, 1.5)};absent=1,1,1")
-    assert rewrite(bounded, haproxy_queue("pneumonia", 3, 1, 1.5)) == bounded  # a reload of the same file
+    bounded = rewrite(text, f"{haproxy_queue('pneumonia', 64, 512, 1.5, 400, 32)};absent=1,1,1,0,1")
+    assert rewrite(bounded, haproxy_queue("pneumonia", 64, 512, 1.5, 400, 32)) == bounded  # a reload of the same file
     servers = {line.split()[1]: line for line in bounded.splitlines() if line.strip().startswith("server ")}
-    assert [name for name, line in servers.items() if line.endswith(" maxconn 3")] == [
+    assert [name for name, line in servers.items() if line.endswith(" maxconn 64")] == [
         "SERVE_REPLICA_pneumonia-Classifier-0", "SERVE_REPLICA_pneumonia-Classifier-1"]
     assert "maxconn" not in servers["SERVE_REPLICA_other-Classifier-0"]
-    (rule,) = [line for line in bounded.splitlines() if "http-request return status 503" in line and "queue(" in line]
-    assert rule.endswith("hdr Retry-After 2 if is_http-pneumonia { queue(http-pneumonia) ge 2 }")  # 2 replicas x 1
-    added = [b for b in bounded.splitlines() if b not in loopback_config(text).splitlines()]
-    assert len(added) == 2 + 2  # the two servers rewritten, the rule and its comment; nothing else moved
+    backend = bounded.split("backend http-pneumonia\n")[1].split("\nbackend ")[0]
+    assert "    timeout queue 400ms" in backend.splitlines()
+    rules = [line.strip() for line in backend.splitlines() if "http-request return status 503" in line]
+    assert rules[0].endswith("hdr Retry-After 2 if { queue,sub(txn.pneumonia_depth) ge 0 }")  # would wait too long
+    assert rules[1].endswith("hdr Retry-After 2 if { queue ge 1024 }")  # the memory guard: 2 replicas x 512
+    assert backend.count("srv_sess_rate(http-pneumonia/SERVE_REPLICA_pneumonia-Classifier-") == 2  # the drain rate
+    assert "int(64) if" in backend  # never assumed below a batch per replica
+    assert "timeout queue" not in bounded.split("backend http-other\n")[1]
     config = tmp_path / "bounded.cfg"
     config.write_text(bounded)
     checked = subprocess.run([serving.ingress.haproxy_binary(), "-c", "-f", str(config)], capture_output=True,
                              text=True, timeout=60, check=False)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert rewrite(text, None) == loopback_config(text)  # an unbounded endpoint: HAProxy bounds nothing
+    count_only = rewrite(text, haproxy_queue("pneumonia", 2, 1, 1, 0, 2))  # no time bound: a count, as before
+    assert "timeout queue" not in count_only and "if { queue ge 2 }" in count_only
 
 
-@pytest.mark.parametrize("value", ["3,1,1", "pneumonia=3,1", "pneumonia=0,1,1", "pneumonia=3,x,1", "=3,1,1"])
+class _HeldServer:
+    """A replica stand-in: answers health checks at once and holds every POST until ``release`` is set."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        self.release, self.arrived = threading.Event(), threading.Semaphore(0)
+        held = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self._answer(b"success")
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                held.arrived.release()
+                held.release.wait(120)
+                self._answer(b'{"label": "NORMAL"}')
+
+            def _answer(self, body):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+
+
+def _haproxy_stat(socket_path: str, backend: str, server: str, field: str) -> int:
+    """One field of HAProxy's `show stat` for ``server`` of ``backend`` (``BACKEND``: the backend itself)."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as admin:
+        admin.connect(socket_path)
+        admin.sendall(b"show stat\n")
+        text = b"".join(iter(lambda: admin.recv(65536), b"")).decode()
+    header, *rows = text.splitlines()
+    for row in rows:
+        fields = dict(zip(header.lstrip("# ").split(","), row.split(",")))
+        if fields.get("pxname") == backend and fields.get("svname") == server:
+            return int(fields[field] or 0)
+    raise LookupError(f"{backend}/{server} not in HAProxy's stats")
+
+
+def test_a_real_haproxy_refuses_at_once_what_would_wait_too_long_and_answers_a_request_that_waited_out_the_budget(
+        tmp_path):
+    """One replica (held by the test) taking one request at once, a budget of 4 s: the first request is in the
+    replica; the second waits in HAProxy's queue; a third finds as many waiting as the replica is taken to drain
+    in the budget (a batch of 1: it drained nothing in the last second) and is refused at once, while the second
+    still waits; the second is refused when it has waited the budget.
+    Both refusals are HAProxy's JSON 503 with Retry-After, not Ray's 500 error file; the first is then answered."""
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    from serving.haproxy_wrapper import bounded_config, parse_queues
+    from serving.ingress import free_port
+
+    replica = _HeldServer()
+    port, admin = free_port(), str(tmp_path / "admin.sock")
+    (tmp_path / "500.http").write_text("HTTP/1.0 500 Internal Server Error\r\nContent-Type: text/plain\r\n\r\n"
+                                      "Internal Server Error\r\n")  # as Ray normalises HAProxy's own 503s
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(bounded_config(
+        f"global\n    stats socket {admin} mode 600 level admin\ndefaults\n    mode http\n    timeout connect 5s\n"
+        f"    timeout client 60s\n    timeout server 60s\n    errorfile 503 {tmp_path / '500.http'}\n"
+        f"frontend http_frontend\n    bind 127.0.0.1:{port}\n    use_backend http-pneumonia\n"
+        f"backend http-pneumonia\n    server SERVE_REPLICA_pneumonia-Classifier-0 127.0.0.1:{replica.port}\n",
+        parse_queues(haproxy_queue("pneumonia", 1, 8, 1, 4000, 1))))
+    haproxy = subprocess.Popen([serving.ingress.haproxy_binary(), "-db", "-f", str(config)], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    answers: dict[str, tuple] = {}
+
+    def post(name: str) -> None:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", data=b"film", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                answers[name] = response.status, response.read(), response.headers.get("Retry-After")
+        except urllib.error.HTTPError as error:
+            answers[name] = error.code, error.read(), error.headers.get("Retry-After")
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.time() + 60
+        while not condition():
+            assert haproxy.poll() is None, haproxy.stderr.read().decode()
+            assert time.time() < deadline, f"no {what} within 60 s"
+            time.sleep(0.05)
+
+    try:
+        wait_for(lambda: os.path.exists(admin), "HAProxy admin socket")
+        first = threading.Thread(target=post, args=("first",))
+        first.start()
+        assert replica.arrived.acquire(timeout=60), "the first request never reached the replica"
+        # the replica's drain rate, HAProxy's count of requests handed to it in the last second, falls back to 0:
+        # what it drains in the budget is then taken as the floor, one batch
+        wait_for(lambda: _haproxy_stat(admin, "http-pneumonia", "SERVE_REPLICA_pneumonia-Classifier-0", "rate") == 0,
+                 "a drain rate of 0")
+        sent = time.monotonic()
+        second = threading.Thread(target=post, args=("second",))
+        second.start()
+        wait_for(lambda: _haproxy_stat(admin, "http-pneumonia", "BACKEND", "qcur") == 1, "a request waiting in HAProxy")
+        post("third")
+        assert "second" not in answers  # the third was refused while the second still waited
+        second.join(120)
+        waited = time.monotonic() - sent
+        for name in ("third", "second"):
+            status, body, retry_after = answers[name]
+            assert status == 503 and retry_after == "1", answers[name]
+            assert json.loads(body) == {"detail": "the endpoint is at capacity: retry after 1 s"}
+        assert waited >= 4.0  # HAProxy's `timeout queue`: the budget, not sooner
+        replica.release.set()
+        first.join(120)
+        assert answers["first"][0] == 200
+    finally:
+        replica.close()
+        os.killpg(haproxy.pid, signal.SIGKILL)
+        haproxy.wait(60)
+
+
+@pytest.mark.parametrize("value", ["3,1,1,0,1", "pneumonia=3,1,1", "pneumonia=0,1,1,0,1", "pneumonia=3,x,1,0,1",
+                                   "=3,1,1,0,1", "pneumonia=3,0,1,0,1", "pneumonia=3,1,1,-5,1", "pneumonia=3,1,1,5,0"])
 def test_a_queue_setting_the_wrapper_cannot_read_stops_haproxy_from_starting_with_the_reason(tmp_path, value):
     config = tmp_path / "haproxy.cfg"
     config.write_text(_rays_config(tmp_path, {"pneumonia": 1}))
@@ -162,12 +300,13 @@ def test_a_queue_setting_the_wrapper_cannot_read_stops_haproxy_from_starting_wit
 
 
 def test_the_queue_bound_reaches_haproxy_only_through_the_haproxy_ingress(clean_env, tmp_path):
-    assert set_ingress_environment("haproxy", 8000, haproxy_queue("pneumonia")) == "haproxy"
-    assert os.environ[QUEUE_ENV] == f"pneumonia={MAX_ONGOING},{MAX_QUEUED},1"  # serving/settings.py's defaults
-    set_ingress_environment("haproxy", 8000, haproxy_queue("pneumonia", 32, -1))  # unbounded: nothing for HAProxy
+    default = ServeSettings.parse({"package": "p"}).haproxy_queue("pneumonia")
+    assert set_ingress_environment("haproxy", 8000, default) == "haproxy"
+    assert os.environ[QUEUE_ENV] == default == "pneumonia=64,512,1,500,32"  # serving/settings.py's defaults
+    set_ingress_environment("haproxy", 8000, haproxy_queue("pneumonia", 64, -1, 1, 0))  # unbounded: nothing for HAProxy
     assert QUEUE_ENV not in os.environ
-    os.environ[QUEUE_ENV] = "pneumonia=3,1,1"
-    set_ingress_environment("python", 8000, haproxy_queue("pneumonia"))
+    os.environ[QUEUE_ENV] = default
+    set_ingress_environment("python", 8000, default)
     assert QUEUE_ENV not in os.environ
 
 

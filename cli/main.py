@@ -23,6 +23,7 @@ from serving.client import predict_files
 from serving.ingress import INGRESS_MODES
 from serving.launch import serve_model
 from tuning.ensemble import resolve_experiment
+from tuning.experiment import remote_storage
 from tuning.search import build_parser as add_tune_arguments
 from tuning.search import tune_from_args
 from tuning.train import train
@@ -74,15 +75,18 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     """An experiment is first turned into its model directory by tuning (its best trial, or an ensemble)."""
+    storage = None
     if args.experiment:
         model_dir, produced_by = resolve_experiment(args.experiment, args.ensemble)
+        storage = remote_storage(json.loads((Path(args.experiment) / "best.json").read_text()).get("experiment"))
     elif args.ensemble != 1:
         raise ConfigError("an ensemble is built from a search's trials: use --experiment DIR with --ensemble")
     else:
         model_dir, produced_by = args.model, None
     options = EvaluationOptions(args.target_sensitivity, args.threshold_rule, not args.no_calibration, args.ood_method,
                                 args.ood_quantile, not args.no_film_checks, not args.no_stability)
-    evaluate(model_dir, args.data, args.reports, args.artifacts, args.name, options=options, produced_by=produced_by)
+    evaluate(model_dir, args.data, args.reports, args.artifacts, args.name, options=options, produced_by=produced_by,
+             publish_to=storage)
     return 0
 
 
@@ -214,7 +218,8 @@ def _add_model_commands(commands) -> None:
 def _add_serving_commands(commands) -> None:
     """serve and predict, and run: the whole job ending in a served endpoint."""
     serve = commands.add_parser("serve", help="deploy a model package with Ray Serve and keep serving")
-    serve.add_argument("--model", required=True, help="model package (artifacts/VERSION) or model directory")
+    serve.add_argument("--model", required=True, help="model package (artifacts/VERSION, or s3://.../packages/VERSION "
+                                                      "as pneumonia run publishes it on remote storage)")
     serve.add_argument("--replicas", type=int, default=0, help="fixed replica count (default: autoscaling 1-2)")
     serve.add_argument("--address", help="Ray cluster to join: HOST:PORT of its head, or auto for the one `ray start` recorded on this machine (default: $RAY_ADDRESS, else a new local Ray of this command's own)")
     serve.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1); beyond loopback it needs "

@@ -27,7 +27,7 @@ from serving.ingress import claim_port, set_ingress_environment
 from serving.launch import APP_NAME, serve_forever, serve_model
 from tuning.config import CONFIG_DIR, TuneConfig
 from tuning.ensemble import resolve_experiment
-from tuning.experiment import is_remote
+from tuning.experiment import is_remote, local_storage
 from tuning.search import run_search
 
 DEFAULT_CONFIG = CONFIG_DIR / "quick.yaml"
@@ -110,9 +110,13 @@ def run_end_to_end(config_path: str | None = None, address: str | None = None, d
     best = run_search(config, address, log=log)
     experiment = Path(best["checkpoint_path"]).parent if is_remote(config.storage_path) else Path(best["experiment"])
     model_dir, produced_by = resolve_experiment(str(experiment), config.ensemble, log)
+    # on storage every node reads (s3://, gs://, a shared mount) the package is published beside the experiments,
+    # and that copy is served: a replica on any node of a cluster finds it (docs/cluster.md)
+    shared = is_remote(config.storage_path) or config.shared_storage
+    storage = local_storage(config.storage_path) if shared else None
     result = evaluate(model_dir, data=data_path, reports_dir=Path("reports"), artifacts_dir=Path("artifacts"), log=log,
-                      produced_by=produced_by)
-    url = serve_model(str(result.package_dir), address=address, port=port, block=False, log=log,
+                      produced_by=produced_by, publish_to=storage)
+    url = serve_model(result.package, address=address, port=port, block=False, log=log,
                       allow_unauthenticated=allow_unauthenticated)
     with open(result.report_dir / "predictions.csv", newline="") as f:
         sample = next(csv.DictReader(f))["path"]

@@ -25,6 +25,7 @@ from models.film_checks import FilmChecks
 from models.inference import Predictor, batch_predictor
 from models.ood import OodGate, OodScorer, fit_gate, with_embedding
 from models.package import PackageMetadata, file_sha256, load_model_dir, package_versions, write_package
+from models.package_store import publish
 from models.paths import display_path
 from models.pipeline import make_dataset
 from models.preprocessing import InputContract
@@ -42,6 +43,12 @@ class Evaluation:
     report: dict
     report_dir: Path
     package_dir: Path
+    package_uri: str | None = None  # where it was published in storage, when it was
+
+    @property
+    def package(self) -> str:
+        """What to serve: the published package on a cluster's storage, else the local folder."""
+        return self.package_uri or str(self.package_dir)
 
 
 THRESHOLD_RULES = ("plateau", "youden")
@@ -228,10 +235,12 @@ def evaluate(
     log: Callable[[str], None] = print,
     options: EvaluationOptions = EvaluationOptions(),
     produced_by: dict | None = None,
+    publish_to: str | None = None,
 ) -> Evaluation:
     """``pneumonia evaluate``: score, fit the OOD gate and the film checks, report, export; the test split is read once, by
     :func:`score`. ``produced_by`` says where the model came from (a search's trial or ensemble, see
-    ``tuning.ensemble.resolve_experiment``); default: the model directory itself."""
+    ``tuning.ensemble.resolve_experiment``); default: the model directory itself. ``publish_to``: a storage path
+    (s3://, gs://) the package is also published to, in ``packages/VERSION``, for the nodes of a cluster."""
     configure_tensorflow(0, "float32")
     source_dir = Path(model_dir)
     produced_by = produced_by or {"kind": "model directory", "path": display_path(model_dir)}
@@ -263,4 +272,8 @@ def evaluate(
         f"sensitivity {test['sensitivity']:.4f}, specificity {test['specificity']:.4f}")
     log(f"report: {out / 'report.md'}")
     log(f"package: {package_dir}")
-    return Evaluation(report, out, package_dir)
+    uri = None
+    if publish_to:
+        uri = publish(package_dir, publish_to)
+        log(f"package published: {uri}")
+    return Evaluation(report, out, package_dir, uri)

@@ -65,15 +65,18 @@ def check_reachable(address: str, timeout: float = 3.0) -> str:
     return f"{host}:{port}"
 
 
-def start_ray(address: str | None = None) -> bool:
+def start_ray(address: str | None = None, runtime_env: dict | None = None) -> bool:
     """Join ``address`` / ``$RAY_ADDRESS`` (checked first: a dead one fails in seconds), else start a new local
-    Ray, whatever cluster the machine has recorded; returns whether this process owns it."""
+    Ray, whatever cluster the machine has recorded; returns whether this process owns it. ``runtime_env``: this
+    job's, when it joins a cluster (what its actors need on every node; Ray uploads local folders in it)."""
     import ray
 
     address = resolve_address(address)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # no "Started Serve in namespace" INFO lines
     # a local Ray turns token auth on by itself (docs/cluster.md); not a warning for the user
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # a model package shipped in the runtime_env is meant to be uploaded whole: no "consider excluding" warning
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.ERROR)
     if not ray.is_initialized():
         joined = check_reachable(address) if address else None
         if not address:
@@ -89,7 +92,8 @@ def start_ray(address: str | None = None) -> bool:
             # workers log to their own files (a trial to its trial.log); the console gets this process's lines
             with contextlib.nullcontext() if address else loopback_node():
                 ray.init(address=address or "local", include_dashboard=None if address else False,
-                         log_to_driver=False, logging_level=logging.WARNING)
+                         log_to_driver=False, logging_level=logging.WARNING,
+                         runtime_env=runtime_env if address else None)
         finally:
             if blocked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -9,7 +9,9 @@ from collections.abc import Callable
 
 from models.local_ray import joined_cluster, on_stop, resolve_address, start_ray, stop_ray
 from models.package import verify_model_dir
+from models.package_store import check_published, is_uri
 from serving.ingress import claim_port, set_ingress_environment, start_watchdog, stop_haproxy
+from serving.package_source import runtime_env
 
 APP_NAME = "pneumonia"  # the Serve application `pneumonia serve` and `pneumonia run` deploy
 
@@ -17,17 +19,21 @@ APP_NAME = "pneumonia"  # the Serve application `pneumonia serve` and `pneumonia
 def serve_model(package: str, replicas: int = 0, address: str | None = None, host: str = "127.0.0.1",
                 port: int = 8000, block: bool = True, log: Callable[[str], None] = print,
                 ingress: str = "auto", allow_unauthenticated: bool = False) -> str:
-    """Deploy ``package``; returns the endpoint URL. With ``block`` it serves until Ctrl-C or SIGTERM, then
+    """Deploy ``package`` (a local folder, or a package URI in storage: ``s3://.../packages/VERSION``); returns
+    the endpoint URL. A local folder given to a cluster this process joins is shipped to the replicas' nodes in
+    this job's ``runtime_env`` (``serving.package_source``). With ``block`` it serves until Ctrl-C or SIGTERM, then
     stops (``models.local_ray.stop_ray``). A ``host`` beyond loopback needs ``$PNEUMONIA_API_TOKEN`` or
     ``allow_unauthenticated`` (refused before Ray starts; a warning line when allowed)."""
     from serving.settings import TOKEN_ENV, ServeSettings  # pydantic (60 ms): kept off `pneumonia --help`
 
     # the token this process checks is the one the replicas use, also on a cluster joined without it
-    settings = ServeSettings.parse({"package": os.path.abspath(package), "replicas": replicas,
+    stored = is_uri(package)
+    settings = ServeSettings.parse({"package": package if stored else os.path.abspath(package), "replicas": replicas,
                                     "auth_token": os.environ.get(TOKEN_ENV, ""),
                                     "allow_unauthenticated": allow_unauthenticated})
     settings.check_exposure(host)  # refused here, before Ray starts; the warning comes with the deployment
-    verify_model_dir(package)  # a clear error here beats a replica failing to start
+    # a clear error here beats a replica failing to start
+    check_published(package) if stored else verify_model_dir(package)
 
     import ray
     from ray import serve
@@ -36,10 +42,12 @@ def serve_model(package: str, replicas: int = 0, address: str | None = None, hos
 
     address = resolve_address(address)
     local = not address and not ray.is_initialized()
+    # a local folder given to a cluster travels with this job: its nodes share no disk with this one
+    shipped = runtime_env(settings.package) if address and not stored and not ray.is_initialized() else None
     if local:
         claim_port(port, log, host)
         log(f"HTTP ingress: {set_ingress_environment(ingress, port, settings.haproxy_queue(APP_NAME))}")
-    start_ray(address)
+    start_ray(address, shipped)
     if not address:
         on_stop(functools.partial(stop_haproxy, port))  # this run's HAProxy goes down with its local Ray
         start_watchdog(port)

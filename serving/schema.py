@@ -70,6 +70,8 @@ class Metadata(BaseModel):
                                                                  "blank, inverted), or null for a package without")
     security: dict[str, Any] = Field(description="authentication: whether /predict needs a bearer token; warning: "
                                                  "when it was allowed to go without one")
+    swap_error: str | None = Field(None, description="the last live swap to another package that failed (the package "
+                                                     "and why); this one keeps serving meanwhile")
 
 
 def errors(*codes: int) -> dict[int, dict]:

@@ -24,6 +24,7 @@ from models.ood import OodScorer, with_embedding
 from models.package import PackageMetadata, load_model_dir, load_ood_scorer
 from serving.decode import ACCEPTED_TYPES, InvalidImage, decode_request, sniff_content_type
 from serving.overlay import overlay_png
+from serving.package_source import local_path
 from serving.settings import ServeSettings
 
 Loader = Callable[[str], tuple[Any, PackageMetadata, OodScorer | None]]  # package -> (model, metadata, gate)
@@ -35,9 +36,11 @@ NO_GATE = {"method": None, "note": "no out-of-distribution gate: this package wa
 
 
 def load_package(package: str) -> tuple[Any, PackageMetadata, OodScorer | None]:
-    """The verified model, its metadata and its fitted OOD scorer (None for a package without a gate)."""
-    model, metadata = load_model_dir(package)
-    return model, metadata, load_ood_scorer(package, metadata)
+    """The verified model, its metadata and its fitted OOD scorer (None for a package without a gate), from
+    wherever this node finds the package (``serving.package_source``: a folder, shipped, or in storage)."""
+    directory = local_path(package)
+    model, metadata = load_model_dir(directory)
+    return model, metadata, load_ood_scorer(directory, metadata)
 
 
 class Refused(Exception):
@@ -187,17 +190,28 @@ class ClassifierService:
         self.loader = loader
         self.token = settings.token()
         self.loaded: LoadedPackage | None = None
+        self.swap_error: str | None = None
 
     def load(self, package: str) -> None:
-        """Load (or swap to) ``package``; the old one serves until the new one is ready."""
-        self.loaded = LoadedPackage(str(package), self.loader)
+        """Load (or swap to) ``package``; the old one serves until the new one is ready. A replica that cannot load
+        its first package fails to start, with the error naming the package; a swap that fails leaves the package
+        it had serving, logs the error and shows it in /metadata (``swap_error``) until a swap succeeds."""
+        try:
+            loaded = LoadedPackage(str(package), self.loader)
+        except Exception as exc:
+            if self.loaded is None:
+                raise
+            self.swap_error = f"{package}: {exc}"
+            log.error(f"swap to {package} failed; {self.loaded.version} keeps serving: {exc}")
+            return
+        self.loaded, self.swap_error = loaded, None
 
     def check_health(self) -> None:
         if self.loaded is None:
             raise RuntimeError("no model loaded")
 
     def info(self) -> dict[str, Any]:
-        return {**self.loaded.info, "security": self.settings.security()}
+        return {**self.loaded.info, "security": self.settings.security(), "swap_error": self.swap_error}
 
     def predict_batch(self, images: list[np.ndarray]) -> list[Scored]:
         """One model call for a batch of preprocessed images: (probability, OOD score, batch size) for each."""

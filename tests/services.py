@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -96,16 +97,18 @@ class LocalRayCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, name: str, args: list[str]) -> None:
+    def _start(self, name: str, args: list[str], hidden: list[Path] = ()) -> None:
         temp = self.temp_root / name
         log = open(self.root / f"{name}.log", "w")
-        self.nodes[name] = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--block", "--temp-dir", str(temp), "--num-cpus", str(self.cpus),
-             "--num-gpus", str(self.gpus), "--node-ip-address", "127.0.0.1",
-             # the default agent port (52365) may be held by another Ray on this machine; jobs need the head's
-             "--dashboard-agent-listen-port", str(free_port()), *args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        command = [str(BIN / "ray"), "start", "--block", "--temp-dir", str(temp), "--num-cpus", str(self.cpus),
+                   "--num-gpus", str(self.gpus), "--node-ip-address", "127.0.0.1",
+                   # the default agent port (52365) may be held by another Ray on this machine; jobs need the head's
+                   "--dashboard-agent-listen-port", str(free_port()), *args]
+        if hidden:  # `exec`: the node stays the leader of its process group, stopped as the others are
+            mounts = " && ".join(f"mount -t tmpfs tmpfs {shlex.quote(str(folder))}" for folder in hidden)
+            command = ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mounts} && exec {shlex.join(command)}"]
+        self.nodes[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
 
     def start(self) -> LocalRayCluster:
         self._start(self.head_name, ["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
@@ -117,8 +120,10 @@ class LocalRayCluster:
         self.wait_for_nodes(1 + self.workers)
         return self
 
-    def start_worker(self, name: str) -> None:
-        self._start(name, ["--address", self.address])
+    def start_worker(self, name: str, hidden: list[Path] = ()) -> None:
+        """A worker node; with ``hidden``, in a mount namespace of its own with an empty tmpfs over each of those
+        folders, as a pod or another machine sees the head's disk: its processes cannot read what lies there."""
+        self._start(name, ["--address", self.address], hidden)
 
     def list_nodes(self) -> list[dict]:
         out = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", self.dashboard, "--format", "json",

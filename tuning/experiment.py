@@ -50,6 +50,15 @@ def join_uri(base: str, *parts: str) -> str:
     return "/".join([path.rstrip("/"), *parts]) + sep + query
 
 
+def remote_storage(experiment: str | None) -> str | None:
+    """The storage path (s3://BUCKET/PATH?...) holding the experiment URI ``experiment``, None for a local one:
+    where its package is published, beside it."""
+    if not experiment or not is_remote(experiment):
+        return None
+    path, sep, query = experiment.partition("?")
+    return path.rstrip("/").rsplit("/", 1)[0] + sep + query
+
+
 def experiment_path(config: TuneConfig) -> str:
     return join_uri(local_storage(config.storage_path), config.name)
 

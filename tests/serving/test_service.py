@@ -12,7 +12,7 @@ from PIL import Image
 from starlette.requests import Request
 
 from models.ood import OodScorer
-from models.package import PackageMetadata
+from models.package import PackageError, PackageMetadata
 from serving.service import ClassifierService, authorize, read_image
 from serving.settings import TOKEN_ENV, ServeSettings, ServeSettingsError
 
@@ -110,6 +110,25 @@ def test_metadata_and_hot_swap():
     empty = ClassifierService(ServeSettings(package="p"), loader=_loader)
     with pytest.raises(RuntimeError, match="no model loaded"):
         empty.check_health()
+
+
+def test_a_failed_swap_keeps_the_old_package_serving_and_says_why_but_a_first_package_must_load(caplog):
+    def loader(package):
+        if package == "missing":
+            raise PackageError("model package missing: not found")
+        return _loader(package)
+
+    service = ClassifierService(ServeSettings(package="p1"), loader=loader)
+    with pytest.raises(PackageError, match="missing: not found"):
+        service.load("missing")  # a replica with nothing to serve fails to start, naming the package
+    service.load("p1")
+    with caplog.at_level("ERROR"):
+        service.load("missing")
+    assert service.info()["model_version"] == "v-p1" and service.predict_batch([np.zeros((SIZE, SIZE, 1))])
+    assert service.info()["swap_error"] == "missing: model package missing: not found"
+    assert "swap to missing failed; v-p1 keeps serving" in caplog.text
+    service.load("p2")
+    assert service.info()["model_version"] == "v-p2" and service.info()["swap_error"] is None
 
 
 @pytest.mark.parametrize("header", [None, "", "Bearer wrong", "Basic c2VjcmV0", "Bearer", "bearer  s3cret  x",

@@ -11,6 +11,7 @@ from tuning.experiment import (
     name_experiment,
     parse_result_lines,
     read_trial_results,
+    remote_storage,
     study_storage_url,
 )
 
@@ -54,3 +55,13 @@ def test_a_result_file_being_written_is_read_up_to_its_last_complete_line(tmp_pa
     (tmp_path / "cnn_b").mkdir()
     (tmp_path / "cnn_b" / "result.json").write_text('{"epoch": 1}\n{"epoch": 2, "val')
     assert read_trial_results(tmp_path) == {"cnn_b": [{"epoch": 1}]}
+
+
+def test_a_remote_experiment_publishes_its_package_beside_it_and_a_local_one_nowhere():
+    from models.package_store import package_uri
+
+    experiment = "s3://bucket/exp/quick-20261207-225909?endpoint_override=127.0.0.1:5055&scheme=http"
+    assert remote_storage(experiment) == "s3://bucket/exp?endpoint_override=127.0.0.1:5055&scheme=http"
+    assert package_uri(remote_storage(experiment), "cnn-1-2") == (
+        "s3://bucket/exp/packages/cnn-1-2?endpoint_override=127.0.0.1:5055&scheme=http")
+    assert remote_storage("/root/ray_results/quick-20261207-225909") is None and remote_storage(None) is None

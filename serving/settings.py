@@ -20,8 +20,8 @@ TOKEN_ENV = "PNEUMONIA_API_TOKEN"
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 2}  # target_ongoing_requests: max_batch_size (a full batch)
 # Overload (BENCHMARKS.md, "Serving under overload"). What a client cares about is how long it waits, so the bound is
 # a waiting-time budget, kept by HAProxy: a request that would wait longer than QUEUE_TIMEOUT_MS for a replica is
-# answered 503 with Retry-After, at once when the queue ahead of it is already longer than the replicas drain in the
-# budget, and after the budget at the latest. A replica takes two batches at once (one in the model, one gathering),
+# answered 503 with Retry-After, at once when the queue ahead of it is already longer than the replicas drain in half
+# the budget, and after the budget at the latest. A replica takes two batches at once (one in the model, one gathering),
 # so its batches stay full under load; a count of 2-3 requests starved them (1.9-2.0 films per model call, half
 # the throughput). The queue's length is bounded too, per replica, only as a memory guard.
 QUEUE_TIMEOUT_MS = 500

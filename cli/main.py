@@ -22,6 +22,7 @@ from models.local_ray import run_command
 from serving.client import predict_files
 from serving.ingress import INGRESS_MODES
 from serving.launch import serve_model
+from tuning.dashboard import DEFAULT_PORT, DEFAULT_STORAGE, find_study, serve_study
 from tuning.ensemble import resolve_experiment
 from tuning.experiment import remote_storage
 from tuning.search import build_parser as add_tune_arguments
@@ -118,6 +119,11 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dashboard(args: argparse.Namespace) -> int:
+    serve_study(find_study(args.experiment, args.storage_path, args.study or "", args.study_storage or ""), args.port)
+    return 0
+
+
 def _add_ingress_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ingress", choices=INGRESS_MODES, default="auto",
                         help="HTTP ingress of a local Ray: haproxy (Serve's high-throughput mode), python (Serve's "
@@ -162,6 +168,18 @@ def _add_model_commands(commands) -> None:
 
     tune = commands.add_parser("tune", help="Ray Tune + Optuna search over the model families (python -m tuning.search)")
     add_tune_arguments(tune).set_defaults(handler=tune_from_args)
+
+    dashboard = commands.add_parser(
+        "dashboard", help="optuna-dashboard on a search's Optuna study, live while it runs, on 127.0.0.1")
+    dashboard.add_argument("experiment", nargs="?", metavar="EXPERIMENT",
+                           help="its name under --storage-path or its directory (default: the study written last; "
+                                "`pneumonia run` and `tune` print the command)")
+    dashboard.add_argument("--storage-path", default=DEFAULT_STORAGE,
+                           help=f"the search's storage_path (default {DEFAULT_STORAGE})")
+    dashboard.add_argument("--study", help="the study's name, where the search continued an earlier one (study_name)")
+    dashboard.add_argument("--study-storage", metavar="URL", help="the search's study_storage, where it set one")
+    dashboard.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTP port (default {DEFAULT_PORT})")
+    dashboard.set_defaults(handler=_dashboard)
 
     evaluate = commands.add_parser(
         "evaluate", help="choose the threshold on validation, score the test split once, write report and package")

@@ -3,7 +3,9 @@
 A local Ray started here (no address) belongs to this process and listens on loopback alone
 (:func:`loopback_node`): a stop shuts it down, then runs what was registered with :func:`on_stop` (serving stops
 the HAProxy it started for its ports). A joined cluster is left running: its Serve applications outlive the
-job. Ray itself is imported only inside these functions.
+job. Its dashboard listens on 127.0.0.1 under Ray's token, as a cluster's does, and the command prints its URL
+(:func:`dashboard_line`; what it costs: benchmarks/ray_dashboard_cost.py). Ray itself is imported only inside
+these functions.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from models.errors import PneumoniaError
 from models.runtime import install_stop_handlers, quiet_tensorflow
 
-_state = {"owned": False, "on_stop": [], "joined": None}
+_state = {"owned": False, "on_stop": [], "joined": None, "dashboard": None}
 WORKER_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet when it starts a worker process
 
 
@@ -65,10 +67,12 @@ def check_reachable(address: str, timeout: float = 3.0) -> str:
     return f"{host}:{port}"
 
 
-def start_ray(address: str | None = None, runtime_env: dict | None = None) -> bool:
+def start_ray(address: str | None = None, runtime_env: dict | None = None, log: Callable[[str], None] = print,
+              dashboard: bool = True) -> bool:
     """Join ``address`` / ``$RAY_ADDRESS`` (checked first: a dead one fails in seconds), else start a new local
     Ray, whatever cluster the machine has recorded; returns whether this process owns it. ``runtime_env``: this
-    job's, when it joins a cluster (what its actors need on every node; Ray uploads local folders in it)."""
+    job's, when it joins a cluster (what its actors need on every node; Ray uploads local folders in it).
+    ``log`` gets one line with the dashboard's URL; ``dashboard=False`` starts a local Ray without one."""
     import ray
 
     address = resolve_address(address)
@@ -91,15 +95,38 @@ def start_ray(address: str | None = None, runtime_env: dict | None = None) -> bo
         try:
             # workers log to their own files (a trial to its trial.log); the console gets this process's lines
             with contextlib.nullcontext() if address else loopback_node():
-                ray.init(address=address or "local", include_dashboard=None if address else False,
-                         log_to_driver=False, logging_level=logging.WARNING,
-                         runtime_env=runtime_env if address else None)
+                # a local dashboard on loopback, as the node's other servers: 8265, else the next free port
+                local = {} if address else {"include_dashboard": dashboard, "dashboard_host": "127.0.0.1"}
+                context = ray.init(address=address or "local", log_to_driver=False, logging_level=logging.WARNING,
+                                   runtime_env=runtime_env if address else None, **local)
         finally:
             if blocked is not None:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         _state["owned"], _state["joined"] = not address, joined
+        url = getattr(context, "dashboard_url", None)  # a Ray Client context may have none
+        _state["dashboard"] = f"http://{url}" if url else None
         install_stop_handlers()  # after ray.init, which replaced the SIGTERM handler
+        line = dashboard_line()
+        if line:
+            log(line)
     return _state["owned"]
+
+
+def dashboard_url() -> str | None:
+    """http://HOST:PORT of the dashboard of the Ray this process started or joined; None without one."""
+    return _state["dashboard"]
+
+
+def dashboard_line() -> str | None:
+    """The console's line for the Ray dashboard: its URL and, under token auth, where its token comes from (the
+    page asks for it once, and answers 401 without it)."""
+    url = dashboard_url()
+    if not url:
+        return None
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    token = "; sign in with the token `ray get-auth-token` prints" if is_token_auth_enabled() else ""
+    return f"Ray dashboard {url}  (jobs, trial and Serve actors, logs{token})"
 
 
 @contextlib.contextmanager
@@ -147,6 +174,7 @@ def stop_ray() -> None:
         if owned:
             _kill_at_once(ray._private.worker._global_node)
         ray.shutdown()  # first: a live Serve actor would start a new HAProxy for the one stopped
+    _state["dashboard"] = None
     if owned:
         cleanups, _state["on_stop"] = _state["on_stop"], []
         for cleanup in cleanups:
@@ -169,7 +197,8 @@ def run_command(command: Callable[..., int], *args) -> int:
         return 2
     except KeyboardInterrupt:  # the first Ctrl-C or SIGTERM (models.runtime.install_stop_handlers)
         joined = joined_cluster()
-        stop_ray()
+        if "ray" in sys.modules:  # a command that never started Ray (`pneumonia dashboard`) stops at once
+            stop_ray()
         print("stopped" + (f"; the Ray cluster at {joined} keeps running" if joined else ""), file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -47,7 +47,7 @@ def serve_model(package: str, replicas: int = 0, address: str | None = None, hos
     if local:
         claim_port(port, log, host)
         log(f"HTTP ingress: {set_ingress_environment(ingress, port, settings.haproxy_queue(APP_NAME))}")
-    start_ray(address, shipped)
+    start_ray(address, shipped, log=log)
     if not address:
         on_stop(functools.partial(stop_haproxy, port))  # this run's HAProxy goes down with its local Ray
         start_watchdog(port)

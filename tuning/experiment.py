@@ -68,14 +68,23 @@ def study_name(config: TuneConfig) -> str:
     return config.study_name or config.name
 
 
+STUDY_SUFFIX = "-optuna.db"  # a default study's sqlite file: STUDY-optuna.db
+
+
+def study_dir(storage_path: str) -> Path:
+    """Where the default sqlite studies of experiments in ``storage_path`` lie: beside local experiments, in the
+    cache for remote storage."""
+    return default_cache_dir() if is_remote(storage_path) else Path(local_storage(storage_path))
+
+
 def study_storage_url(config: TuneConfig) -> str:
     """Optuna's RDB URL: the configured one, else a sqlite file named after the study, beside a local
     experiment (or in the cache for remote storage)."""
     if config.study_storage:
         return config.study_storage
-    base = default_cache_dir() if is_remote(config.storage_path) else Path(local_storage(config.storage_path))
+    base = study_dir(config.storage_path)
     base.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{base / (study_name(config) + '-optuna.db')}"
+    return f"sqlite:///{base / (study_name(config) + STUDY_SUFFIX)}"
 
 
 STAMP = "%Y%m%d-%H%M%S"

@@ -25,6 +25,7 @@ from models.local_ray import resolve_address, run_command, start_ray
 from models.package import METRIC, MODE, read_metadata
 from models.paths import default_cache_dir
 from tuning.config import TuneConfig
+from tuning.dashboard import watch_lines
 from tuning.experiment import (
     BEST_SO_FAR,
     SearchError,
@@ -184,7 +185,7 @@ def run_search(config: TuneConfig, address: str | None = None, resume: bool = Fa
     if resume and not tune.Tuner.can_restore(path):
         raise SearchError(f"nothing to resume at {path}: the experiment has no saved state")
     log(said)
-    start_ray(address)  # trials log to their own trial.log; the console gets the progress lines
+    start_ray(address, log=log)  # trials log to their own trial.log; the console gets the progress lines
     alive = sum(1 for node in ray.nodes() if node.get("Alive"))
     check_storage(config, alive)
     resources = ray.cluster_resources()
@@ -215,6 +216,8 @@ def run_search(config: TuneConfig, address: str | None = None, resume: bool = Fa
                                         time_budget_s=config.time_budget_s or None),
             run_config=run_config(config),
         )
+    for line in watch_lines(config):  # now that the study exists: the command works as soon as it is shown
+        log(line)
     results = tuner.fit()
     summary = write_best(results, config, log)
     summary["wall_seconds"] = time.time() - started

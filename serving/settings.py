@@ -78,9 +78,9 @@ class ServeSettings(BaseModel):
         return min(self.max_batch_size, self.ongoing)
 
     def queued(self, ingress: str = "haproxy") -> int:
-        """Requests waiting per replica at most: ``max_queued_requests``, by default a memory guard of
-        QUEUE_GUARD_BATCHES batches behind HAProxy's budget, or one batch for the Python ingress, where Serve offers
-        a count bound only (its proxy bounds no waiting time); -1 = none."""
+        """Requests waiting at most: ``max_queued_requests``, by default per replica a memory guard of
+        QUEUE_GUARD_BATCHES batches behind HAProxy's budget, or one batch for Serve's own count (each Python proxy's,
+        or a replica's behind Ray's own HAProxy), where Serve bounds no waiting time; -1 = none."""
         if self.max_queued_requests is not None:
             return self.max_queued_requests
         return QUEUE_GUARD_BATCHES * self.batch if ingress == "haproxy" else self.batch

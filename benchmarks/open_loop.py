@@ -200,7 +200,8 @@ def measure(name: str, settings: dict, package: str, image: Path, seconds: float
             rows.append(row)
             print(f"{name}: {multiple}x ({rate:.0f}/s, {phase:.0f} s) sent {row['sent']} ok {row['ok']} "
                   f"503 {row['rejected']} ({100 * row['refused_share']:.1f} %, Retry-After "
-                  f"{row['rejected_with_retry_after']}, after 100 ms {row['rejected_after_100ms']}) other {row['other']} goodput {row['goodput']:.1f}/s "
+                  f"{row['rejected_with_retry_after']}, after 100 ms {row['rejected_after_100ms']}) "
+                  f"other {row['other']} goodput {row['goodput']:.1f}/s "
                   f"({row['goodput'] / capacity:.2f}x capacity) p50 {row['p50_ms'] or float('nan'):.1f} "
                   f"p99 {row['p99_ms'] or float('nan'):.1f} ms, p99 to 503 {row['p99_to_503_ms'] or float('nan'):.1f} "
                   f"ms, batch {row['mean_batch']:.1f}, client CPU {100 * row['client_cpu_share']:.0f} %", flush=True)
@@ -223,7 +224,8 @@ def table(results: dict) -> str:
     for name, result in results["configs"].items():
         for row in result["rates"]:
             lines.append(f"| {name} | {row['multiple']:g}x ({row['rate']:.0f}/s) | {row['sent']:,} | "
-                         f"{row['goodput']:.0f} ({row['goodput'] / capacity:.2f}x) | {100 * row['refused_share']:.1f} % "
+                         f"{row['goodput']:.0f} ({row['goodput'] / capacity:.2f}x) | "
+                         f"{100 * row['refused_share']:.1f} % "
                          f"({row['rejected']:,}) | {row['other']:,} | {ms(row['p50_ms'])} / {ms(row['p99_ms'])} | "
                          f"{ms(row['p99_to_503_ms'])} | {row['mean_batch']:.1f} |")
     for name, result in results["configs"].items():

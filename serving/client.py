@@ -2,7 +2,8 @@
 
 A 503 is an endpoint that would have kept the request waiting past its budget (``queue_timeout_ms``): it is
 retried a few times, never sooner than its ``Retry-After`` says, with an exponential backoff capped at
-``RETRY_CAP_S`` and a little jitter so that clients turned away together do not come back together. Every other error is final.
+``RETRY_CAP_S`` and a little jitter so that clients turned away together do not come back together. Every other
+error is final.
 """
 
 from __future__ import annotations

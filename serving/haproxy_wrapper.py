@@ -39,7 +39,8 @@ import sys
 from pathlib import Path
 
 REAL_BINARY_ENV = "PNEUMONIA_HAPROXY_BINARY"  # the HAProxy the wrapper execs
-QUEUE_ENV = "PNEUMONIA_HAPROXY_QUEUE"  # "APP=MAX_ONGOING,MAX_QUEUED,RETRY_AFTER_S,QUEUE_TIMEOUT_MS,BATCH;...": bounds HAProxy keeps
+# the bounds HAProxy keeps: "APP=MAX_ONGOING,MAX_QUEUED,RETRY_AFTER_S,QUEUE_TIMEOUT_MS,BATCH;..."
+QUEUE_ENV = "PNEUMONIA_HAPROXY_QUEUE"
 WRAPPER_NAME = "haproxy-loopback"
 SECTIONS = ("listen stats", "frontend prometheus")  # HAProxy's stats page, its Prometheus exporter
 LOOPBACK = "127.0.0.1"
@@ -47,7 +48,8 @@ REPLICA_PREFIX = "SERVE_REPLICA"  # Ray's name for a replica's server line (its 
 BOUND_MARK = "# pneumonia: queue bound"  # on the lines bounded_config adds: a reload does not add them twice
 # A request is refused at once when the queue ahead of it takes more than this share of the budget to drain at the
 # last second's rate; `timeout queue` at the whole budget catches one the drain slowed for (a 503 after the budget).
-# Gated at the whole budget, the queue reached it: in a short run at 2x and 4x the 503s' p99 was the budget (502-504 ms).
+# Gated at the whole budget, the queue reached it: in a short run at 2x and 4x the 503s' p99 was the budget
+# (502-504 ms).
 GATE_SHARE = 0.5
 _BIND = re.compile(r"^(\s*bind\s+)(\S*?):(\d+)(\s.*)?$")  # bind [ADDRESS]:PORT [options]
 
@@ -125,7 +127,8 @@ def _backend_rules(backend: str, servers: list[str], bound: tuple[int, int, floa
         drain, depth, floor = "txn.pneumonia_drain", "txn.pneumonia_depth", batch * len(servers)
         lines += [f"timeout queue {timeout_ms}ms",
                   f"http-request set-var({drain}) int(0)",
-                  *(f"http-request set-var({drain}) srv_sess_rate({backend}/{server}),add({drain})" for server in servers),
+                  *(f"http-request set-var({drain}) srv_sess_rate({backend}/{server}),add({drain})"
+                    for server in servers),
                   f"http-request set-var({depth}) var({drain}),mul({round(GATE_SHARE * timeout_ms)}),div(1000)",
                   f"http-request set-var({depth}) int({floor}) if {{ var({depth}) -m int lt {floor} }}",
                   f"http-request return {refuse} if {{ queue,sub({depth}) ge 0 }}"]

@@ -57,7 +57,8 @@ class ServeSettings(BaseModel):
     max_queued_requests: int | None = Field(None, ge=-1, description="requests waiting per replica at most: with "
                                             "HAProxy a memory guard behind the budget (default 16 batches), with "
                                             "the Python ingress the only bound (default one batch); -1 = no bound")
-    retry_after_s: float = Field(RETRY_AFTER_S, ge=0, description="the Retry-After header of that 503, in seconds (rounded up)")
+    retry_after_s: float = Field(RETRY_AFTER_S, ge=0, description="the Retry-After header of that 503, in seconds "
+                                                                  "(rounded up)")
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -157,8 +158,8 @@ class ServeSettings(BaseModel):
         target = self.autoscaling_config()["target_ongoing_requests"]
         if not self.replicas and target >= self.ongoing:
             raise ValueError(f"autoscaling.target_ongoing_requests ({target}) must be below max_ongoing_requests "
-                             f"({self.ongoing}), or a replica never counts enough requests to scale up (the default target is "
-                             f"max_batch_size, the default max_ongoing_requests twice that)")
+                             f"({self.ongoing}), or a replica never counts enough requests to scale up (the default "
+                             f"target is max_batch_size, the default max_ongoing_requests twice that)")
         return self
 
 

@@ -32,8 +32,10 @@ def serve_model(package: str, replicas: int = 0, address: str | None = None, hos
                                     "auth_token": os.environ.get(TOKEN_ENV, ""),
                                     "allow_unauthenticated": allow_unauthenticated})
     settings.check_exposure(host)  # refused here, before Ray starts; the warning comes with the deployment
-    # a clear error here beats a replica failing to start
-    check_published(package) if stored else verify_model_dir(package)
+    if stored:  # a clear error here beats a replica failing to start
+        check_published(package)
+    else:
+        verify_model_dir(package)
 
     import ray
     from ray import serve

@@ -85,3 +85,14 @@ def _float32_policy():
 
     if "keras" in sys.modules:
         sys.modules["keras"].mixed_precision.set_dtype_policy("float32")
+
+
+@pytest.fixture
+def search_data(tmp_path) -> str:
+    """The real data when PNEUMONIA_DATA is set (subsets are taken by the configs), else generated films."""
+    if REAL_DATA:
+        return str(Path(REAL_DATA).resolve())
+    root = tmp_path / "generated"
+    write_split(root / "train", patients=60, per_patient=3, size=80, seed=1)
+    write_split(root / "test", patients=4, size=80, seed=2, offset=900)
+    return str(root)

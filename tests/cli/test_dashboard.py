@@ -20,7 +20,6 @@ import pytest
 
 from cli.main import main
 from serving.ingress import free_port
-from tests.conftest import REAL_DATA, write_split
 from tests.services import BIN, group_alive, stop_group
 from tests.tuning.test_search import TINY_SEARCH
 
@@ -132,15 +131,6 @@ def test_dashboard_serves_the_newest_study_while_it_is_written(tmp_path):
         stop_group(process)
 
 
-def _search_data(tmp_path: Path) -> str:
-    if REAL_DATA:
-        return str(Path(REAL_DATA).resolve())
-    root = tmp_path / "generated"
-    write_split(root / "train", patients=60, per_patient=3, size=80, seed=1)
-    write_split(root / "test", patients=4, size=80, seed=2, offset=900)
-    return str(root)
-
-
 def _completed_trials(storage_url: str, study: str) -> set[int]:
     import optuna
 
@@ -152,7 +142,7 @@ def _completed_trials(storage_url: str, study: str) -> set[int]:
 
 
 @pytest.mark.slow
-def test_a_running_search_shows_in_the_ray_dashboard_and_in_optuna_dashboard_in_chromium(tmp_path):
+def test_a_running_search_shows_in_the_ray_dashboard_and_in_optuna_dashboard_in_chromium(tmp_path, search_data):
     """`pneumonia tune` on a local Ray of its own prints its Ray dashboard's URL (on 127.0.0.1, under Ray's
     token) and the `pneumonia dashboard` command; in Chromium the Ray dashboard lists the trial actors, and
     optuna-dashboard, started as printed, shows each trial within 10 s (plus a busy machine's slack) of Optuna
@@ -168,7 +158,7 @@ def test_a_running_search_shows_in_the_ray_dashboard_and_in_optuna_dashboard_in_
     sets = [*TINY_SEARCH, "num_samples=4", "train.epochs=3", "max_concurrent=1", "scheduler=fifo", "space.families=[cnn]",
             "points_to_evaluate=[]", f"storage_path={storage}", "name=live"]
     search_log, dashboard_log = tmp_path / "tune.log", tmp_path / "dashboard.log"
-    search = _start(["tune", "--data", _search_data(tmp_path), *[a for s in sets for a in ("--set", s)]], search_log,
+    search = _start(["tune", "--data", search_data, *[a for s in sets for a in ("--set", s)]], search_log,
                     env)
     dashboard = None
     try:

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from models.package import load_model_dir
-from tests.conftest import REAL_DATA, write_split
 from tests.services import BIN, LocalRayCluster, MotoS3, stop_group
 from tuning.experiment import read_trial_results
 
@@ -27,17 +26,6 @@ TINY_SEARCH = [
     "train.data.max_train_images=128", "train.data.max_val_images=64", "train.mixed_precision=float32",
     "points_to_evaluate=[{model.family: cnn}, {model.family: inception}]",
 ]
-
-
-@pytest.fixture
-def search_data(tmp_path) -> str:
-    """The real data when PNEUMONIA_DATA is set (subsets are taken by the configs), else generated films."""
-    if REAL_DATA:
-        return str(Path(REAL_DATA).resolve())
-    root = tmp_path / "generated"
-    write_split(root / "train", patients=60, per_patient=3, size=80, seed=1)
-    write_split(root / "test", patients=4, size=80, seed=2, offset=900)
-    return str(root)
 
 
 def _sets(items):

@@ -115,6 +115,12 @@ class TuneConfig:
     num_to_keep: int = 2
     max_failures: int = 2
     ensemble: int = 1  # what `pneumonia run` evaluates and serves: the mean of the N best trials; 1 = the best alone
+    # > 0: no search. ``train`` is trained once per seed (train.seed, train.seed + 1, ...), no trial stopped early,
+    # and ``ensemble: N`` averages N of them: a seed ensemble of one configuration (space and searcher unused)
+    seeds: int = 0
+    # > 0: every trial stops after this many epochs of ``train.epochs``' schedule (a checkpoint chosen at an
+    # epoch of a longer cosine schedule is trained again exactly so); 0 = train.epochs
+    stop_after_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.max_concurrent < 1:
@@ -127,3 +133,23 @@ class TuneConfig:
             raise ConfigError("reduction_factor must be >= 2")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ConfigError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+        if self.seeds < 0 or not 0 <= self.stop_after_epochs <= self.train.epochs:
+            raise ConfigError(f"seeds must be >= 0 and stop_after_epochs in 0..train.epochs ({self.train.epochs}), "
+                              f"got {self.seeds} and {self.stop_after_epochs}")
+        if self.seeds and self.ensemble > self.seeds:
+            raise ConfigError(f"ensemble ({self.ensemble}) cannot exceed seeds ({self.seeds})")
+
+    @property
+    def uses_optuna(self) -> bool:
+        """Whether the experiment has an Optuna study (a seed ensemble and a random search have none)."""
+        return self.searcher == "optuna" and not self.seeds
+
+    @property
+    def trials(self) -> int:
+        """How many trials the experiment runs: one per seed, or ``num_samples``."""
+        return self.seeds or self.num_samples
+
+    @property
+    def epochs_run(self) -> int:
+        """The epochs each trial trains at most."""
+        return self.stop_after_epochs or self.train.epochs

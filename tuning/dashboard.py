@@ -146,5 +146,5 @@ def watch_lines(config: TuneConfig) -> list[str]:
 
     install = "" if find_spec("tensorboard") else "pip install tensorboard, then "
     study = [f"watch the search: {dashboard_command(config)}  (optuna-dashboard: trials, history, importances)"]
-    return [*(study if config.searcher == "optuna" else []),
+    return [*(study if config.uses_optuna else []),
             f"trial curves: {install}tensorboard --logdir {shlex.quote(experiment_path(config))}"]

@@ -126,12 +126,16 @@ def name_experiment(config: TuneConfig, resume: bool) -> tuple[TuneConfig, str]:
             raise SearchError(f"nothing to resume: no experiment {config.name} or {config.name}-<time> under "
                               f"{local_storage(config.storage_path)}")
         named = dataclasses.replace(config, name=made[-1])
-        return named, f"resuming experiment {made[-1]} (its Optuna study continues)"
+        return named, f"resuming experiment {made[-1]}" + (" (its Optuna study continues)" * config.uses_optuna)
     name = f"{config.name}-{datetime.now(timezone.utc):{STAMP}}" if config.unique_name else config.name
     named = dataclasses.replace(config, name=name)
     if not config.unique_name and name in experiment_names(config):
         raise SearchError(f"experiment {name} already exists under {local_storage(config.storage_path)}: pass --resume "
                           "to continue it, or --set name=NEW for a new one (unique_name=true stamps the time)")
+    if config.seeds:
+        return named, f"new experiment {name}: {config.seeds} seeds of one configuration, no search"
+    if not config.uses_optuna:
+        return named, f"new experiment {name}: random search"
     study = study_name(named)
     said = f"new experiment {name}, " + (f"continuing the Optuna study {study} (study_name)" if config.study_name
                                          else "with a fresh Optuna study")

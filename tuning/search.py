@@ -59,14 +59,27 @@ def make_sampler(config: TuneConfig):
                                       constant_liar=settings.constant_liar)
 
 
+def seed_repeats(config: TuneConfig):
+    """No search: ``train`` once per seed, each trial to its last epoch (a seed ensemble's members)."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    seeds = [config.train.seed + i for i in range(config.seeds)]
+    space = {"model.family": config.train.model.family, "seed": tune.grid_search(seeds)}
+    return BasicVariantGenerator(max_concurrent=config.max_concurrent), FIFOScheduler(), space
+
+
 def make_search(config: TuneConfig):
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     from tuning.scheduler import ResumableASHA  # Ray Tune at import, as above
 
+    if config.seeds:
+        return seed_repeats(config)
     if config.scheduler == "asha":
-        scheduler = ResumableASHA(metric=METRIC, mode=MODE, time_attr="training_iteration", max_t=config.train.epochs,
+        scheduler = ResumableASHA(metric=METRIC, mode=MODE, time_attr="training_iteration", max_t=config.epochs_run,
                                    grace_period=config.grace_period, reduction_factor=config.reduction_factor)
     else:
         scheduler = FIFOScheduler()
@@ -113,7 +126,8 @@ def run_config(config: TuneConfig):
                                                 checkpoint_score_order=MODE),
         failure_config=tune.FailureConfig(max_failures=config.max_failures),
         sync_config=tune.SyncConfig(sync_artifacts=True),  # each trial's trial.log lands in its trial dir
-        callbacks=[SearchProgress(config.num_samples, config.train.epochs, config.time_budget_s)],
+        callbacks=[SearchProgress(config.trials, config.epochs_run, config.time_budget_s)],
+        stop={"training_iteration": config.stop_after_epochs} if config.stop_after_epochs else None,
         verbose=0,
     )
 
@@ -212,7 +226,7 @@ def run_search(config: TuneConfig, address: str | None = None, resume: bool = Fa
             param_space=param_space,
             # metric and mode live in the searcher and scheduler (Tune refuses them in both places)
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, trial_dirname_creator=trial_dirname,
-                                        num_samples=config.num_samples,
+                                        num_samples=1 if config.seeds else config.num_samples,
                                         time_budget_s=config.time_budget_s or None),
             run_config=run_config(config),
         )

@@ -166,3 +166,31 @@ def test_lost_worker_node_trial_resumes_from_its_checkpoint(tmp_path, search_dat
         assert best["errors"] == 0 and best["trials"] == 2
     finally:
         ray_cluster.stop()
+
+
+def test_seed_ensemble_trains_one_configuration_per_seed_and_stops_each_at_its_epoch(search_data, tmp_path):
+    storage = tmp_path / "results"
+    args = ["--data", search_data, *_sets([
+        "name=seeds", "unique_name=false", f"storage_path={storage}", "seeds=2", "stop_after_epochs=1",
+        "ensemble=2", "max_concurrent=2", "cpus_per_trial=1", "train.epochs=3", "train.model.family=cnn",
+        "train.model.image_size=64", "train.model.depth=2", "train.model.base_filters=8", "train.batch_size=32",
+        "train.data.max_train_images=128", "train.data.max_val_images=64", "train.mixed_precision=float32",
+        "train.seed=7"])]
+    done = subprocess.run([sys.executable, "-m", "tuning.search", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 seeds of one configuration, no search" in done.stdout
+    assert "optuna-dashboard" not in done.stdout  # no study to watch
+    results = read_trial_results(storage / "seeds")
+    assert sorted(len(rows) for rows in results.values()) == [1, 1]  # stopped after epoch 1 of the 3-epoch schedule
+    configs = [json.loads(path.read_text()) for path in sorted((storage / "seeds").glob("*/params.json"))]
+    assert sorted(config["seed"] for config in configs) == [7, 8]
+
+    from tuning.ensemble import resolve_experiment
+
+    directory, produced_by = resolve_experiment(str(storage / "seeds"), 2, log=lambda line: None)
+    assert len(produced_by["ensemble"]) == 2
+    seeds = {load_model_dir(member["checkpoint"].replace("~", str(Path.home()), 1))[1].config["seed"]
+             for member in produced_by["ensemble"]}
+    assert seeds == {7, 8}
+    load_model_dir(directory)

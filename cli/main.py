@@ -211,8 +211,9 @@ def _add_model_commands(commands) -> None:
     evaluate.set_defaults(handler=_evaluate)
 
     evaluate.add_argument("--no-stability", action="store_true",
-                          help="skip the stability measurement (default: every validation and test film re-encoded six "
-                               "benign ways, |change in P| and label flips reported)")
+                          help="skip the stability measurement and so the borderline band (default: every validation "
+                               "and test film re-encoded six benign ways, |change in P| and label flips reported, "
+                               "and the band of answers too near the threshold to hold fitted on validation's)")
 
     stability = commands.add_parser(
         "stability", help="how far a package's answers move when the same films are re-encoded benignly (PNG of "

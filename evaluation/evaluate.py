@@ -15,11 +15,13 @@ import numpy as np
 
 from evaluation.metrics import PLATEAU_TOLERANCE, sensitivity_threshold, youden_plateau, youden_threshold
 from evaluation.report import build_report, ood_report, write_report
+from models.borderline import BorderlineBand
 from models.calibration import Calibration, fit_platt
 from models.config import TrainConfig, from_dict
 from models.dataset import DataSplits, Split, load_splits, stratified_subset
 from evaluation.films import fit_checks
-from evaluation.stability import stability_report
+from evaluation.borderline import firm_report, fit_band
+from evaluation.stability import FilmMoves, film_moves, stability_report
 from models.errors import PneumoniaError
 from models.film_checks import FilmChecks
 from models.inference import Predictor, batch_predictor
@@ -66,6 +68,7 @@ class EvaluationOptions:
     ood_quantile: float = 0.995  # the gate's threshold: this quantile of the validation films' scores
     film_checks: bool = True  # checks before the model (models.film_checks), fitted on training films
     stability: bool = True  # re-encode every validation and test film benignly; report how far P moves
+    borderline: bool = True  # with stability: the borderline band fitted on validation's moves (evaluation.borderline)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,9 +203,10 @@ def fit_film_checks(splits: DataSplits, contract: InputContract, options: Evalua
 
 def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, artifacts_dir: Path,
                    calibration: Calibration | None, ood: tuple[OodScorer, OodGate] | None,
-                   checks: FilmChecks | None = None, inference: str = "keras") -> Path:
-    """``artifacts/VERSION``: the evaluated model byte for byte, with the threshold, calibration, OOD gate
-    and test metrics; its ``runtime`` says which inference runtime computed them (``models.inference``)."""
+                   checks: FilmChecks | None = None, inference: str = "keras",
+                   band: BorderlineBand | None = None) -> Path:
+    """``artifacts/VERSION``: the evaluated model byte for byte, with the threshold, calibration, OOD gate,
+    borderline band and test metrics; its ``runtime`` says which inference runtime computed them (``models.inference``)."""
     created = datetime.now(timezone.utc)
     version = f"{report['name']}-{created:%Y%m%d%H%M%S}"
     test = report["test"]
@@ -214,6 +218,7 @@ def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, ar
         calibration=calibration,
         ood=None if ood is None else ood[1],
         film_checks=checks,
+        borderline=band,
         test_metrics={k: v for k, v in test.items() if k != "confusion_matrix"},
         test_confusion_matrix=test["confusion_matrix"],
         confidence_intervals=report["confidence_intervals"],
@@ -224,6 +229,21 @@ def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, ar
         versions=package_versions(),
     )
     return write_package(source_dir, package, artifacts_dir / version, None if ood is None else ood[0])
+
+
+def borderline_band(served: Predictor, evaluated: PackageMetadata, val: Split, options: EvaluationOptions,
+                    log: Callable[[str], None]) -> tuple[dict[str, FilmMoves], BorderlineBand | None]:
+    """Validation's films re-encoded (kept for the stability report) and the band fitted on them, when the
+    options ask for the stability measurement and the band; no label is read, no test film."""
+    if not options.stability:
+        return {}, None
+    moves = {val.name: film_moves(served, evaluated, val)}
+    if not options.borderline:
+        return moves, None
+    band = fit_band(moves[val.name], evaluated.threshold)
+    log(f"borderline band: P {band.low:.4f}-{band.high:.4f} ({band.half_width:.3f} logit on each side of the "
+        f"threshold; {band.rule})")
+    return moves, band
 
 
 def evaluate(
@@ -260,12 +280,21 @@ def evaluate(
     report = build_report(name, splits, scores, described)
     if ood is not None or checks is not None:
         report["ood"] = ood_report(served, splits, metadata.input, scores, ood, checks)
+    evaluated = metadata.replace(threshold=scores.threshold, calibration=scores.calibration)
+    moves, band = borderline_band(served, evaluated, splits.val, options, log)
     package_dir = export_package(source_dir, metadata, report, Path(artifacts_dir), scores.calibration, ood, checks,
-                                 served.runtime)
+                                 served.runtime, band)
     if options.stability:
-        evaluated = metadata.replace(threshold=scores.threshold, calibration=scores.calibration)
         command = f"pneumonia stability --package {display_path(package_dir)} --split val --split test"
-        report["stability"] = stability_report(served, evaluated, [splits.val, splits.test], command, log)
+        report["stability"] = stability_report(served, evaluated.replace(borderline=band), [splits.val, splits.test],
+                                               command, log, moves)
+    if band is not None:
+        report["borderline"] = {**dataclasses.asdict(band),
+                                **{split.name: firm_report(split.labels, probabilities, scores.threshold, band)
+                                   for split, probabilities in ((splits.val, scores.val), (splits.test, scores.test))}}
+        firm = report["borderline"]["test"]
+        log(f"borderline band {band.low:.4f}-{band.high:.4f}: {firm['firm']} of {firm['films']} test films answered "
+            f"firm ({firm['firm_share']:.1%})")
     out = write_report(report, splits, scores, Path(reports_dir) / name)
     test = report["test"]
     log(f"test ({len(splits.test)} images): accuracy {test['accuracy']:.4f}, AUC {test['auc']:.4f}, "

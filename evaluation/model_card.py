@@ -184,12 +184,38 @@ def stability_lines(report: dict) -> list[str]:
              "Every film re-encoded in ways a reader would not see, each version sent through the endpoint's own "
              "path; the change in P(pneumonia) against the film's own bytes, and the labels that flip at the "
              f"threshold. Reproduce: `{stability['command']}`.", "",
-             "| films | re-encoding | mean abs(dP) | p99 abs(dP) | max abs(dP) | label flips |", "|---|---|---|---|---|---|"]
+             "| films | re-encoding | mean abs(dP) | p99 abs(dP) | max abs(dP) | label flips | among firm answers |",
+             "|---|---|---|---|---|---|---|"]
     for split, measured in stability["splits"].items():
+        films = f"{measured['films']}" + (f", {measured['firm']} firm" if "firm" in measured else "")
         for name, row in measured["perturbations"].items():
-            lines.append(f"| {split} ({measured['films']}) | {name} | {row['mean']:.3g} | {row['p99']:.3g} | "
-                         f"{row['max']:.3g} | {row['flips']} |")
+            lines.append(f"| {split} ({films}) | {name} | {row['mean']:.3g} | {row['p99']:.3g} | "
+                         f"{row['max']:.3g} | {row['flips']} | {row.get('firm_flips', '-')} |")
     return lines + [""]
+
+
+def borderline_lines(report: dict) -> list[str]:
+    """What borderline means, how often it happens, and the metrics on the answers that are firm."""
+    band = report.get("borderline")
+    if not band:
+        return []
+    val, test = band["val"], band["test"]
+    lines = ["## Borderline answers", "",
+             f"An answer whose P(pneumonia) lies strictly between {band['low']:.4f} and {band['high']:.4f} is "
+             "marked **borderline** (`certainty` in the endpoint's answer): so near the threshold that re-encoding "
+             "the film in a way no reader would see (a JPEG save, a 2 % resize) could give it the other label. "
+             f"Outside the band it is **firm**. The band was fitted on the validation films' re-encodings "
+             f"({band['rule']}; {band['half_width']:.3f} logit on each side of the threshold). "
+             f"Validation: {val['firm']} of {val['films']} films firm ({_pct(val['firm_share'])}); test: "
+             f"{test['firm']} of {test['films']} ({_pct(test['firm_share'])}), and {test['borderline_wrong']} of the "
+             f"{test['borderline']} borderline test answers were wrong.", ""]
+    if "metrics" in test:
+        lines += ["| test films | accuracy | sensitivity | specificity |", "|---|---|---|---|"]
+        for name, metrics in (("all", report["test"]), (f"firm answers ({test['firm']})", test["metrics"])):
+            lines.append(f"| {name} | {_pct(metrics['accuracy'])} | {_pct(metrics['sensitivity'])} | "
+                         f"{_pct(metrics['specificity'])} |")
+        lines.append("")
+    return lines
 
 
 def data_lines(report: dict) -> list[str]:
@@ -261,6 +287,7 @@ def render(report: dict) -> str:
         *subgroup_lines(report.get("subgroups", {})),
         *ood_lines(report),
         *stability_lines(report),
+        *borderline_lines(report),
         *data_lines(report),
         *model_lines(report),
         *LIMITATIONS,

@@ -6,19 +6,22 @@ answers for one film stops trusting the tool. Each film is re-encoded benignly (
 version goes through the endpoint's own path (bytes -> ``models.preprocessing.decode_image`` ->
 ``models.film_checks.model_input`` -> the served model and calibration), and the change in P against the
 film's own bytes is reported: mean, 99th percentile and largest |change|, and how many labels flip at the
-package's threshold. No label of the data is read, only the images.
+package's threshold; with the package's borderline band (``models.borderline``), how many films are answered
+firm and how many of those flip. No label of the data is read, only the images.
 
     pneumonia stability --package artifacts/VERSION [--split val] [--split test]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from models.borderline import BorderlineBand
 from models.dataset import Split
 from models.film_checks import model_input
 from models.preprocessing import decode_image
@@ -89,25 +92,62 @@ def served_probabilities(model, metadata, encoded: list[bytes]) -> np.ndarray:
     return np.concatenate(probabilities)
 
 
-def measure(model, metadata, split: Split, log: Callable[[str], None] = print) -> dict:
-    """|change in P| and label flips of every film of ``split`` under each perturbation."""
+@dataclasses.dataclass
+class FilmMoves:
+    """P(PNEUMONIA) of each film of a split from its own bytes (``base``) and from each re-encoding."""
+
+    split: str
+    base: np.ndarray
+    moved: dict[str, np.ndarray]
+
+
+def film_moves(model, metadata, split: Split) -> FilmMoves:
+    """Every film of ``split`` scored from its own bytes and from each of ``PERTURBATIONS``."""
     films = _encoded_films(split)
-    base = served_probabilities(model, metadata, films)
     variants = [perturbed(data) for data in films]
-    threshold = float(metadata.threshold)
+    return FilmMoves(split.name, served_probabilities(model, metadata, films),
+                     {name: served_probabilities(model, metadata, [variant[name] for variant in variants])
+                      for name in PERTURBATIONS})
+
+
+def summarize(moves: FilmMoves, threshold: float, band: BorderlineBand | None = None,
+              log: Callable[[str], None] = print) -> dict:
+    """|change in P| and label flips under each perturbation; with a ``band``, the share of films answered firm
+    and the flips among them (a firm answer is one whose own bytes score outside the band)."""
+    base, films = moves.base, len(moves.base)
+    firm = np.ones(films, bool) if band is None else ~band.is_borderline(base)
     rows = {}
-    for name in PERTURBATIONS:
-        moved = served_probabilities(model, metadata, [variant[name] for variant in variants])
+    for name, moved in moves.moved.items():
         change = np.abs(moved - base)
-        flips = int(np.sum((moved >= threshold) != (base >= threshold)))
+        flipped = (moved >= threshold) != (base >= threshold)
         rows[name] = {"mean": float(change.mean()), "p99": float(np.quantile(change, 0.99)),
-                      "max": float(change.max()), "flips": flips}
-        log(f"stability, {split.name} ({len(films)} films), {name}: mean |dP| {change.mean():.4f}, p99 "
-            f"{rows[name]['p99']:.4f}, max {change.max():.4f}, {flips} label flips")
-    return {"films": len(films), "threshold": threshold, "perturbations": rows}
+                      "max": float(change.max()), "flips": int(flipped.sum())}
+        said = f"{rows[name]['flips']} label flips"
+        if band is not None:
+            rows[name]["firm_flips"] = int((flipped & firm).sum())
+            said += f", {rows[name]['firm_flips']} among firm answers"
+        log(f"stability, {moves.split} ({films} films), {name}: mean |dP| {change.mean():.4f}, p99 "
+            f"{rows[name]['p99']:.4f}, max {change.max():.4f}, {said}")
+    measured = {"films": films, "threshold": float(threshold), "perturbations": rows}
+    if band is not None:
+        measured["firm"] = int(firm.sum())
+        measured["firm_share"] = float(firm.mean())
+        log(f"stability, {moves.split}: {firm.sum()} of {films} films answered firm ({firm.mean():.1%}), outside "
+            f"the borderline band {band.low:.3f}-{band.high:.3f}")
+    return measured
 
 
-def stability_report(model, metadata, splits: list[Split], command: str, log: Callable[[str], None] = print) -> dict:
-    """``report.json``'s ``stability``: per split, per perturbation; ``command`` reproduces it."""
+def measure(model, metadata, split: Split, log: Callable[[str], None] = print) -> dict:
+    """|change in P| and label flips of every film of ``split`` under each perturbation, and with the
+    package's borderline band the firm answers and their flips."""
+    return summarize(film_moves(model, metadata, split), float(metadata.threshold), metadata.borderline, log)
+
+
+def stability_report(model, metadata, splits: list[Split], command: str, log: Callable[[str], None] = print,
+                     measured: dict[str, FilmMoves] | None = None) -> dict:
+    """``report.json``'s ``stability``: per split, per perturbation; ``command`` reproduces it. ``measured``:
+    splits whose moves are already measured (the evaluation fits the band on validation's)."""
+    measured = measured or {}
     return {"command": command, "perturbations": PERTURBATIONS,
-            "splits": {split.name: measure(model, metadata, split, log) for split in splits}}
+            "splits": {split.name: summarize(measured[split.name], float(metadata.threshold), metadata.borderline, log)
+                       if split.name in measured else measure(model, metadata, split, log) for split in splits}}

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from models.borderline import BorderlineBand
 from models.calibration import Calibration
 from models.config import ConfigError, from_dict
 from models.dataset import CLASS_NAMES
@@ -94,6 +95,7 @@ class PackageMetadata:
     calibration: Calibration | None = None  # fitted on validation by evaluation; None = the model's own output
     ood: OodGate | None = None  # the out-of-distribution gate fitted by evaluation; None = every input is classified
     film_checks: FilmChecks | None = None  # checks before the model, fitted by evaluation; None = none
+    borderline: BorderlineBand | None = None  # answers too near the threshold to hold; fitted by evaluation
     versions: dict = dataclasses.field(default_factory=package_versions)
     schema_version: int = SCHEMA_VERSION
 

@@ -57,6 +57,14 @@ def classify(path: str | Path, url: str, token: str = "", explain: bool = False,
     raise ValueError(f"attempts must be at least 1, got {attempts}")
 
 
+def certainty_text(result: dict) -> str:
+    """``firm``, or ``BORDERLINE`` with the band: what a reader should know before acting on the label."""
+    if result["certainty"] != "borderline":
+        return "firm"
+    low, high = result["borderline_band"]
+    return f"BORDERLINE (P inside {low:.3f}-{high:.3f}: a re-encoded copy of this film could get the other label)"
+
+
 def _explain_path(explain: str, index: int, count: int) -> Path:
     """``out.png`` for one image; ``out-1.png``, ``out-2.png``... for several."""
     path = Path(explain)
@@ -87,6 +95,8 @@ def predict_files(paths: list[str], url: str, token: str = "", explain: str | No
             result = classify(path, url, token, explain=bool(explain), force=force)
             line = (f"{path}\t{result['label']}\t{result['probability']:.4f}\t(threshold {result['threshold']:.4f}, "
                     f"model {result['model_version']})")
+            if result.get("certainty"):
+                line += "\t" + certainty_text(result)
             if result.get("out_of_distribution"):
                 line += f"\tOUT OF DISTRIBUTION (score {result['ood_score']:.4g} > {result['ood_threshold']:.4g})"
             if explain:

@@ -4,7 +4,7 @@ Response models are pydantic (FastAPI's own choice), so the schema a client or a
 is the one the answers are validated against.
 """
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -29,6 +29,13 @@ class Prediction(BaseModel):
     probability: float = Field(ge=0, le=1, description="P(PNEUMONIA), calibrated as the package says")
     threshold: float = Field(description="the operating point chosen on validation")
     model_version: str
+    certainty: Literal["firm", "borderline"] | None = Field(
+        None, description="borderline: the probability lies inside borderline_band, so near the threshold that a "
+                          "benign re-encoding of the film (a JPEG save, a 2 % resize) could flip the label; firm: "
+                          "outside it. Absent for a package without a band")
+    borderline_band: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="[low, high]: probabilities strictly between them are "
+                                                      "borderline (fitted on validation; see /metadata's borderline)")
     ood_score: float | None = Field(None, description="out-of-distribution score; absent without a gate")
     ood_threshold: float | None = Field(None, description="the gate refuses scores above it")
     out_of_distribution: bool | None = Field(None, description="true when ?force=true overrode a refusal")
@@ -70,6 +77,8 @@ class Metadata(BaseModel):
                                                                  "blank, inverted), or null for a package without")
     security: dict[str, Any] = Field(description="authentication: whether /predict needs a bearer token; warning: "
                                                  "when it was allowed to go without one")
+    borderline: dict[str, Any] | None = Field(None, description="the borderline band (low, high, half_width in logit, "
+                                                               "rule, fitted_on), or null for a package without")
     swap_error: str | None = Field(None, description="the last live swap to another package that failed (the package "
                                                      "and why); this one keeps serving meanwhile")
 

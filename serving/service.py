@@ -110,6 +110,7 @@ class LoadedPackage:
             "test_metrics": self.metadata.test_metrics,
             "ood": NO_GATE if ood is None else dataclasses.asdict(ood),
             "film_checks": film_checks_info(self.metadata.film_checks),
+            "borderline": None if self.metadata.borderline is None else dataclasses.asdict(self.metadata.borderline),
         }
 
     def predict(self, images: list[np.ndarray]) -> list[tuple[float, float | None]]:
@@ -126,6 +127,9 @@ class LoadedPackage:
         threshold = float(self.metadata.threshold)
         result = {"label": self.metadata.class_names[int(probability >= threshold)], "probability": float(probability),
                   "threshold": threshold, "model_version": self.version}
+        band = self.metadata.borderline
+        if band is not None:
+            result.update(certainty=band.certainty(probability), borderline_band=[band.low, band.high])
         if ood_score is not None:
             refused = ood_score > self.metadata.ood.threshold
             if refused and not force:

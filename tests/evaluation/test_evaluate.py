@@ -181,9 +181,27 @@ def test_every_evaluation_measures_how_far_answers_move_when_films_are_re_encode
     out = tmp_path / "stability.json"
     assert main(["stability", "--package", str(package), "--data", str(mendeley_dir), "--split", "test",
                  "--json", str(out)]) == 0
-    again = json.loads(out.read_text())["splits"]["test"]["perturbations"]
+    again = json.loads(out.read_text())["splits"]["test"]
     for name, row in stability["splits"]["test"]["perturbations"].items():
-        assert again[name]["flips"] == row["flips"] and again[name]["max"] == pytest.approx(row["max"], abs=1e-6)
+        assert again["perturbations"][name]["flips"] == row["flips"]
+        assert again["perturbations"][name]["max"] == pytest.approx(row["max"], abs=1e-6)
+        assert again["perturbations"][name]["firm_flips"] == row["firm_flips"]  # the package carries the band
+    assert again["firm"] == stability["splits"]["test"]["firm"]
+
+
+def test_the_borderline_band_is_fitted_on_validation_and_travels_with_the_package(trained, mendeley_dir, tmp_path):
+    report, report_dir = _evaluate(trained, mendeley_dir, tmp_path)
+    band, stability = report["borderline"], report["stability"]["splits"]
+    assert 0 <= band["low"] <= report["threshold"] <= band["high"] <= 1 and band["fitted_on"].startswith("val split")
+    # by its rule the band holds every validation film that flipped: no firm validation answer flips
+    assert all(row["firm_flips"] == 0 for row in stability["val"]["perturbations"].values())
+    for split in ("val", "test"):
+        assert band[split]["firm"] + band[split]["borderline"] == band[split]["films"] == stability[split]["films"]
+        assert band[split]["firm"] == stability[split]["firm"]
+    (package,) = (tmp_path / "artifacts").iterdir()
+    metadata = json.loads((package / "metadata.json").read_text())
+    assert [metadata["borderline"]["low"], metadata["borderline"]["high"]] == band["test"]["band"]
+    assert "## Borderline answers" in (report_dir / "report.md").read_text()
 
 
 def test_re_encodings_change_what_they_say_and_nothing_else():

@@ -107,3 +107,18 @@ def test_a_refusal_before_the_model_is_one_line_with_its_reason_and_not_retried(
     assert client.predict_files([str(image)], server.url) == 1
     assert capsys.readouterr().err == f"{image}\trefused (blank): {REFUSED['detail']}\n"
     assert len(server.bodies) == 1
+
+
+ANSWERS = [{"label": "PNEUMONIA", "probability": 0.74, "threshold": 0.725, "model_version": "v", "certainty": "borderline",
+            "borderline_band": [0.55, 0.85]},
+           {"label": "NORMAL", "probability": 0.04, "threshold": 0.725, "model_version": "v", "certainty": "firm",
+            "borderline_band": [0.55, 0.85]}]
+
+
+@pytest.mark.parametrize("server", [[(200, {}, ANSWERS[0]), (200, {}, ANSWERS[1])]], indirect=True)
+def test_a_borderline_answer_is_marked_with_its_band_after_the_columns_scripts_read(server, image, capsys):
+    assert client.predict_files([str(image), str(image)], server.url) == 0
+    near, far = capsys.readouterr().out.splitlines()
+    assert near.split("\t")[:3] == [str(image), "PNEUMONIA", "0.7400"]
+    assert near.split("\t")[4].startswith("BORDERLINE (P inside 0.550-0.850")
+    assert far.split("\t")[1:3] == ["NORMAL", "0.0400"] and far.split("\t")[4] == "firm"

@@ -94,6 +94,26 @@ def test_an_answer_has_label_probability_threshold_and_version():
     assert service.loaded.model.calls[-1] == (1, SIZE, SIZE, 1)  # preprocessed to the package's input size
 
 
+def test_an_answer_inside_the_packages_borderline_band_says_so_and_one_outside_says_firm():
+    from models.borderline import band_around
+
+    band = band_around(0.4, 0.5)  # P 0.288-0.524
+
+    def loader(package):
+        model, metadata, scorer = _loader(package)
+        return model, metadata.replace(borderline=band), scorer
+
+    service = ClassifierService(ServeSettings(package="p1"), loader=loader)
+    service.load("p1")
+    near = _predict(service, _png(115), {"content-type": "image/png"})  # P 0.451: over the threshold, in the band
+    far = _predict(service, _png(230), {"content-type": "image/png"})
+    assert near["label"] == "PNEUMONIA" and near["certainty"] == "borderline"
+    assert far["label"] == "PNEUMONIA" and far["certainty"] == "firm"
+    assert near["borderline_band"] == far["borderline_band"] == [band.low, band.high]
+    assert service.info()["borderline"]["half_width"] == 0.5
+    assert "certainty" not in _predict(_service(), _png(115), {"content-type": "image/png"})  # no band: no field
+
+
 def test_a_batch_is_one_model_call_and_every_answer_knows_its_size():
     service = _service()
     images = [np.full((SIZE, SIZE, 1), v, np.float32) for v in (0.1, 0.5, 0.9)]

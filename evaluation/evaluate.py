@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from evaluation.borderline import firm_report, fit_band
+from evaluation.films import fit_checks
 from evaluation.metrics import PLATEAU_TOLERANCE, sensitivity_threshold, youden_plateau, youden_threshold
 from evaluation.report import build_report, ood_report, write_report
+from evaluation.stability import FilmMoves, film_moves, stability_report
 from models.borderline import BorderlineBand
 from models.calibration import Calibration, fit_platt
 from models.config import TrainConfig, from_dict
 from models.dataset import DataSplits, Split, load_splits, stratified_subset
-from evaluation.films import fit_checks
-from evaluation.borderline import firm_report, fit_band
-from evaluation.stability import FilmMoves, film_moves, stability_report
 from models.errors import PneumoniaError
 from models.film_checks import FilmChecks
 from models.inference import Predictor, batch_predictor

@@ -25,11 +25,11 @@ BATCH_SIZES = (2, 3, 8, 17, 32, 63)
 def _inputs(package: str, films: int):
     """(names, encoded bytes, preprocessed arrays, contract) of up to ``films`` validation films, then the OOD
     check set."""
+    from data.dataset import load_splits
+    from data.preprocessing import decode_image, preprocess
     from evaluation.ood_set import ood_images
     from evaluation.report import films_to_transform
-    from models.dataset import load_splits
     from models.package import read_metadata
-    from models.preprocessing import decode_image, preprocess
 
     metadata = read_metadata(package)
     data = metadata.config["data"]
@@ -45,7 +45,7 @@ def _skewed(bodies: list[bytes], contract, skew: str) -> list[np.ndarray]:
     """The model input under a real preprocessing difference (what the served == offline checks must catch)."""
     import tensorflow as tf
 
-    from models.preprocessing import decode_image, preprocess
+    from data.preprocessing import decode_image, preprocess
 
     out = []
     for body in bodies:
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12, help="random batch layouts")
     parser.add_argument("--json")
     args = parser.parse_args()
-    from models.runtime import configure_tensorflow
+    from runtime.tensorflow_setup import configure_tensorflow
 
     configure_tensorflow(0, "float32")
     results = [measure(p, args.films, args.rounds) for p in args.package]

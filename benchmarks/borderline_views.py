@@ -51,8 +51,8 @@ def view(batch: np.ndarray, dx: int, dy: int, zoom: float) -> np.ndarray:
 
 def raw_views(predictor, contract, encoded: list[bytes], views: list[tuple], batch: int = 32) -> np.ndarray:
     """(films, views) raw P of each encoded film under each view, through the served decode path."""
-    from models.film_checks import model_input
-    from models.preprocessing import decode_image
+    from data.film_checks import model_input
+    from data.preprocessing import decode_image
 
     out = []
     for start in range(0, len(encoded), batch):
@@ -99,9 +99,10 @@ def main() -> None:
     from evaluation.borderline import fit_band
     from evaluation.evaluate import load_evaluation_data, served_model
     from evaluation.stability import PERTURBATIONS, FilmMoves, _encoded_films, perturbed, summarize
-    from models.config import TrainConfig, from_dict
+    from models.config import TrainConfig
     from models.package import load_model_dir
-    from models.runtime import configure_tensorflow
+    from runtime.config import from_dict
+    from runtime.tensorflow_setup import configure_tensorflow
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -115,7 +116,7 @@ def main() -> None:
     config = from_dict(TrainConfig, metadata.config)
     val = load_evaluation_data(config, args.data, metadata.data.get("fingerprint")).val  # the test split: never
     if args.films:
-        from models.dataset import stratified_subset
+        from data.dataset import stratified_subset
 
         val = stratified_subset(val, args.films, seed=0)
     films = _encoded_films(val)

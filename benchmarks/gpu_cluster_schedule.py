@@ -45,8 +45,8 @@ def schedule(nodes: int, trials: int, data: str, workdir: Path) -> dict:
     """Run the cheap search on ``nodes`` local nodes; the most trials Tune had running at once."""
     sets = [f"name=gpu{nodes}", "unique_name=false", f"storage_path={workdir}", "shared_storage=true",
             f"num_samples={trials}", "grace_period=1", "train.epochs=2", "checkpoint_every=1",
-            "space.families=[cnn]", "space.cnn_image_sizes=[64]", "space.cnn_depth=[3,3]",
-            "space.cnn_base_filters=[16]", "space.batch_sizes=[32]", "train.data.max_train_images=256",
+            "space.families=[cnn]", "space.cnn.image_sizes=[64]", "space.cnn.depth=[3,3]",
+            "space.cnn.base_filters=[16]", "space.batch_sizes=[32]", "train.data.max_train_images=256",
             "train.data.max_val_images=128", "train.mixed_precision=float32", "train.model.weights=none"]
     output, _ = search_on_local_cluster(nodes, NODE_CPUS, NODE_GPUS,
                                         ["--config", str(CONFIG), "--data", data, *[a for s in sets for a in ("--set", s)]],
@@ -98,9 +98,9 @@ def main() -> None:
     args = parser.parse_args()
     data = str(Path(args.data).resolve())
 
-    from models.config import load_config
-    from models.dataset import load_splits
-    from models.runtime import configure_tensorflow
+    from data.dataset import load_splits
+    from runtime.config import load_config
+    from runtime.tensorflow_setup import configure_tensorflow
     from tuning.config import TuneConfig
 
     config = load_config(TuneConfig, CONFIG)

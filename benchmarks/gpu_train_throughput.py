@@ -1,7 +1,7 @@
 """Training images/s of both families on a GPU, float32 vs mixed precision, in one process.
 
 The GPU machine this was measured on has JAX but not TensorFlow, so this runs the project's own model code
-(``models.networks.build_model``) on Keras 3's JAX backend, with numpy batches (no tf.data): it measures
+(``models.registry.build_model``) on Keras 3's JAX backend, with numpy batches (no tf.data): it measures
 the model's training step, which is what the GPU changes.
 
 Usage (on a GPU machine with jax and keras): KERAS_BACKEND=jax python -m benchmarks.gpu_train_throughput
@@ -28,7 +28,7 @@ def images_per_sec(name: str, overrides: dict, policy: str, batch: int, steps: i
     import numpy as np
 
     from models.config import ModelConfig
-    from models.networks import build_model
+    from models.registry import build_model
 
     keras.mixed_precision.set_dtype_policy(policy)
     model = build_model(ModelConfig(**overrides))

@@ -17,7 +17,7 @@ preprocessed films: against today's path in the evaluation's batches of 64 (max 
 probability, max relative difference of the OOD score and of the embedding, largest element over the
 embedding's largest), and against itself in other batch layouts (1, 5, 8, 13, 32 and 64): served == offline
 when the evaluation and the endpoint run the same runtime. Then the request's preprocessing, op by op (before)
-and as one graph (``models.preprocessing.preprocess_one``, now), per image and bit for bit, and the in-process
+and as one graph (``data.preprocessing.preprocess_one``, now), per image and bit for bit, and the in-process
 ceiling as ``benchmarks/serve_load.py`` measures it (decode + preprocessing + model on batches of 32 of one
 JPEG) with the old and new preprocessing and runtime. A second worker per package runs Keras with oneDNN off
 (``TF_ENABLE_ONEDNN_OPTS=0``). A runtime that is not installed (OpenVINO is not a dependency: ``pip install
@@ -115,8 +115,8 @@ def candidates(model, threads: int, onednn: bool) -> dict[str, Callable[[], Call
 def _films(metadata, count: int) -> tuple[list[str], list[np.ndarray]]:
     """``count`` training films of the package's own split (a seeded, class-balanced subset): their paths and
     their model inputs."""
-    from models.dataset import load_splits, stratified_subset
-    from models.preprocessing import decode_image, preprocess
+    from data.dataset import load_splits, stratified_subset
+    from data.preprocessing import decode_image, preprocess
 
     data = metadata.config["data"]
     path = data["path"] or metadata.data.get("source")  # trained on $PNEUMONIA_DATA: where the evaluation read it
@@ -160,8 +160,8 @@ def _differences(reference: dict[str, np.ndarray], other: dict[str, np.ndarray])
 
 def decoders(contract) -> dict[str, Callable[[bytes], np.ndarray]]:
     """A request's bytes -> the model input, with the preprocessing run op by op (as before) or as one graph
-    (``models.preprocessing.preprocess_one``, what ``serving.decode.decode_request`` runs now)."""
-    from models.preprocessing import decode_image, preprocess
+    (``data.preprocessing.preprocess_one``, what ``serving.decode.decode_request`` runs now)."""
+    from data.preprocessing import decode_image, preprocess
     from serving.decode import decode_request
 
     return {"eager": lambda body: preprocess(decode_image(body), contract.image_size, contract.intensity).numpy(),
@@ -203,7 +203,7 @@ def worker(package: str, threads: int, films: int, seconds: float, image: str, o
     """One child process: every candidate at ``threads`` threads, timed and compared."""
     from models.ood import with_embedding
     from models.package import load_model_dir, load_ood_scorer
-    from models.runtime import configure_tensorflow
+    from runtime.tensorflow_setup import configure_tensorflow
 
     configure_tensorflow(threads, "float32")
     classifier, metadata = load_model_dir(package)

@@ -19,7 +19,7 @@ loaded: dict = {}
 async def lifespan(app: FastAPI):
     """The model is loaded when the server starts, not when this module is imported."""
     from models.package import load_model_dir
-    from models.runtime import configure_tensorflow
+    from runtime.tensorflow_setup import configure_tensorflow
 
     configure_tensorflow(0, "float32")
     loaded["model"], loaded["metadata"] = load_model_dir(os.environ["PNEUMONIA_PACKAGE"])

@@ -23,13 +23,14 @@ import numpy as np
 def measure(model_dir: str, data: str | None, quantile: float, train_images: int) -> dict:
     from sklearn.metrics import roc_auc_score
 
+    from data.dataset import stratified_subset
     from evaluation.evaluate import load_evaluation_data, predict_with_embedding
     from evaluation.ood_set import ood_images
     from evaluation.report import films_to_transform
-    from models.config import TrainConfig, from_dict
-    from models.dataset import stratified_subset
+    from models.config import TrainConfig
     from models.ood import METHODS, fit_gate, with_embedding
     from models.package import load_model_dir
+    from runtime.config import from_dict
 
     model, metadata = load_model_dir(model_dir)
     served = with_embedding(model)
@@ -41,7 +42,7 @@ def measure(model_dir: str, data: str | None, quantile: float, train_images: int
     val_p, val_e = predict_with_embedding(served, splits.val, metadata.input)
     model_seconds = (time.perf_counter() - started) / len(splits.val)
     images = ood_images(films_to_transform(splits.val))
-    from models.preprocessing import decode_image, preprocess
+    from data.preprocessing import decode_image, preprocess
 
     batch = np.stack([preprocess(decode_image(i.png), metadata.image_size, metadata.input.intensity).numpy()
                       for i in images])
@@ -75,7 +76,7 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=2000)
     parser.add_argument("--json")
     args = parser.parse_args()
-    from models.runtime import configure_tensorflow
+    from runtime.tensorflow_setup import configure_tensorflow
 
     configure_tensorflow(0, "float32")
     everything = [measure(m, args.data, args.quantile, args.train_images) for m in args.model]

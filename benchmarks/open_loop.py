@@ -44,7 +44,7 @@ from benchmarks.serve_load import (
     stop_server,
     wait_ready,
 )
-from serving.ingress import HAPROXY_ENV, HAPROXY_PORTS, free_port
+from serving.http_proxy import HAPROXY_ENV, HAPROXY_PORTS, free_port
 
 TIMEOUT_S = 30.0  # a request unanswered this long counts as "other" (a client gives up)
 MULTIPLES = (0.1, 0.5, 1, 2, 4)

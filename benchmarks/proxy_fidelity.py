@@ -43,7 +43,7 @@ def draw(config, count: int, seed: int) -> list[dict]:
 
 def train_once(train_config, directory: Path) -> float:
     """Best validation AUC of one ``pneumonia train`` run of ``train_config`` (a TrainConfig)."""
-    from models.config import to_dict
+    from runtime.config import to_dict
 
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(to_dict(train_config)))
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from scipy.stats import kendalltau, spearmanr
 
-    from models.config import load_config, to_dict
+    from runtime.config import load_config, to_dict
     from tuning.config import TuneConfig
     from tuning.trainable import trial_config
 

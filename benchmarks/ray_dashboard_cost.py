@@ -3,7 +3,7 @@ memory and CPU while idle, and what is left after a SIGTERM, with and without ``
 
     .venv/bin/python -m benchmarks.ray_dashboard_cost [--repeats 3] [--settle 10] [--json out.json]
 
-Each measurement is a fresh driver process (``models.local_ray.start_ray`` under ``run_command``, as every
+Each measurement is a fresh driver process (``runtime.local_ray.start_ray`` under ``run_command``, as every
 ``pneumonia`` command runs it) in a session of its own; the two settings alternate. "ready" is ``start_ray``
 returning and, with the dashboard, its first HTTP answer. Memory is summed over the driver's descendants (the
 Ray processes, not the driver itself): RSS counts shared pages once per process, PSS splits them. The SIGTERM
@@ -29,7 +29,7 @@ LEFT_AFTER_S = 30.0
 
 def _child(dashboard: bool) -> int:
     """The driver: start a local Ray, say when it is ready, then wait for the stop signal."""
-    from models.local_ray import dashboard_url, run_command, start_ray
+    from runtime.local_ray import dashboard_url, run_command, start_ray
 
     def body() -> int:
         started = time.perf_counter()

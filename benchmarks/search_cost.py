@@ -25,9 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 def size_rates(sizes: list[int], steps: int, batch_size: int) -> dict[int, float]:
     import dataclasses
 
-    from models.precision import compare_precisions
-    from models.config import TrainConfig, load_config
-    from models.runtime import configure_tensorflow
+    from models.config import TrainConfig
+    from runtime.config import load_config
+    from runtime.precision import compare_precisions
+    from runtime.tensorflow_setup import configure_tensorflow
 
     configure_tensorflow(0, "float32")
     base = load_config(TrainConfig, REPO / "tuning" / "configs" / "train-cnn.yaml").model

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from models.config import load_config
+    from runtime.config import load_config
     from tuning.config import TuneConfig
     from tuning.search import run_search
 

@@ -22,7 +22,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serving.ingress import HAPROXY_ENV, HAPROXY_PORTS, free_port
+from serving.http_proxy import HAPROXY_ENV, HAPROXY_PORTS, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # The endpoint with no bound on its queue, in time or length (benchmarks/open_loop.py measures the bound)
@@ -114,7 +114,7 @@ def ceiling(package: str, image_path: Path, seconds: float, batch: int = 32) -> 
     package records, or ``$PNEUMONIA_INFERENCE_RUNTIME``) on full batches, in this process: all of a request's
     work minus HTTP."""
     from benchmarks.inference_runtimes import ceiling_rate
-    from models.runtime import configure_tensorflow
+    from runtime.tensorflow_setup import configure_tensorflow
     from serving.decode import decode_request
     from serving.service import LoadedPackage
 
@@ -136,7 +136,7 @@ def serve_command(package: str, port: int, settings: dict | None = None, haproxy
     the ingress is set as ``pneumonia serve`` sets it: HAProxy through the project's wrapper, keeping that
     bound; without, the caller's environment chooses the ingress."""
     args = {"package": package, "replicas": 1, **(settings or {})}
-    ingress = (f"from serving.ingress import set_ingress_environment\n"
+    ingress = (f"from serving.http_proxy import set_ingress_environment\n"
                f"set_ingress_environment('haproxy', {port}, {haproxy_queue!r})\n") if haproxy_queue else ""
     code = (
         "import sys, time, ray\nfrom ray import serve\nfrom serving.app import build_app\n" + ingress +

@@ -31,7 +31,7 @@ from benchmarks.serve_load import (
     stop_server,
     wait_ready,
 )
-from serving.ingress import HAPROXY_ENV, HAPROXY_PORTS, free_port
+from serving.http_proxy import HAPROXY_ENV, HAPROXY_PORTS, free_port
 
 DEFAULT_VARIANTS = ("keras 1x1:replicas=1,num_cpus=1,runtime=keras", "1x1:replicas=1,num_cpus=1",
                     "1x2:replicas=1,num_cpus=2", "2x1:replicas=2,num_cpus=1")

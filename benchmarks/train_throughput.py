@@ -1,7 +1,7 @@
 """Training throughput, measured side by side in one process (ratios, not absolute timings, are the result).
 
 1. Model: training images/s of each family at the sizes the configs use, float32 vs mixed bfloat16
-   (``models.precision.compare_precisions``: train_on_batch on in-memory batches, rounds in turn, what
+   (``runtime.precision.compare_precisions``: train_on_batch on in-memory batches, rounds in turn, what
    ``mixed_precision: auto`` measures), and what auto picks for each on this machine.
 2. Input pipeline: images/s of the training tf.data pipeline (cold: decode + preprocess; warm: cached,
    shuffled, augmented) against the model's images/s, to show the pipeline is not the bottleneck.
@@ -18,7 +18,7 @@ import time
 
 
 def pipeline_images_per_sec(split, image_size: int, batch_size: int, augment: float) -> dict[str, float]:
-    from models.pipeline import make_dataset
+    from data.pipeline import make_dataset
 
     ds = make_dataset(split, image_size, batch_size, training=True, augment=augment)
     rates = {}
@@ -37,10 +37,11 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    from models.config import ModelConfig, TrainConfig, load_config
-    from models.dataset import load_splits
-    from models.precision import compare_precisions
-    from models.runtime import available_cpus, configure_tensorflow
+    from data.dataset import load_splits
+    from models.config import ModelConfig, TrainConfig
+    from runtime.config import load_config
+    from runtime.precision import compare_precisions
+    from runtime.tensorflow_setup import available_cpus, configure_tensorflow
 
     runtime = configure_tensorflow(0, "float32")
     cnn = load_config(TrainConfig, "tuning/configs/train-cnn.yaml").model

@@ -25,7 +25,7 @@ def search_args(data: str, trials: int, storage: Path, name: str) -> list[str]:
     sets = [
         f"name={name}", "unique_name=false", f"storage_path={storage}", "shared_storage=true", f"num_samples={trials}",
         "max_concurrent=4", "scheduler=fifo", "cpus_per_trial=1", "train.epochs=2", "points_to_evaluate=[]",
-        "space.families=[cnn]", "space.cnn_image_sizes=[64]", "space.cnn_depth=[3,3]", "space.cnn_base_filters=[16]",
+        "space.families=[cnn]", "space.cnn.image_sizes=[64]", "space.cnn.depth=[3,3]", "space.cnn.base_filters=[16]",
         "space.batch_sizes=[32]", "train.data.max_train_images=1024", "train.data.max_val_images=256",
         "train.mixed_precision=float32",
     ]

@@ -53,21 +53,22 @@ def operating_points(labels: np.ndarray, probabilities: np.ndarray) -> dict:
 
 
 def train_config(data: str, epochs: int, overrides: list[str]):
-    from models.config import TrainConfig, load_config
+    from models.config import TrainConfig
+    from runtime.config import load_config
 
     return load_config(TrainConfig, overrides=[f"data.path={data}", f"epochs={epochs}", *overrides])
 
 
 def predict(model, split, config) -> np.ndarray:
+    from data.preprocessing import InputContract
     from evaluation.evaluate import predict_split
-    from models.preprocessing import InputContract
 
     return predict_split(model, split, InputContract(config.model.image_size, intensity=config.data.intensity))
 
 
 def held_out_splits(data: str):
     """(splits to train on: train minus both validation sets, val = both; the grouped splits; the block splits)."""
-    from models.dataset import Split, load_splits
+    from data.dataset import Split, load_splits
 
     grouped, block = load_splits(data, validation="grouped"), load_splits(data, validation="block")
     pool = [grouped.train, grouped.val]  # all of train
@@ -109,7 +110,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated names (prefixes) to run")
     parser.add_argument("--json")
     args = parser.parse_args()
-    from models.runtime import configure_tensorflow
+    from runtime.tensorflow_setup import configure_tensorflow
 
     configure_tensorflow(0, "float32")
     data = str(Path(args.data).resolve())

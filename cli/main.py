@@ -13,14 +13,16 @@ import sys
 from pathlib import Path
 
 from cli.run import run_end_to_end
+from data.config import DataConfig
+from data.dataset import VALIDATION_SCHEMES, load_splits, summarize
+from data.download import download_medmnist, unpack_zip
 from evaluation.evaluate import EvaluationOptions, evaluate
 from evaluation.exported import add_film_checks, stability_of_package
-from models.config import ConfigError, DataConfig, TrainConfig, load_config
-from models.dataset import VALIDATION_SCHEMES, load_splits, summarize
-from models.download import download_medmnist, unpack_zip
-from models.local_ray import run_command
+from models.config import TrainConfig
+from runtime.config import ConfigError, load_config
+from runtime.local_ray import run_command
 from serving.client import predict_files
-from serving.ingress import INGRESS_MODES
+from serving.http_proxy import INGRESS_MODES
 from serving.launch import serve_model
 from tuning.dashboard import DEFAULT_PORT, DEFAULT_STORAGE, find_study, serve_study
 from tuning.ensemble import resolve_experiment
@@ -281,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand. A :class:`PneumoniaError` (a user mistake: data, config, package, search) is one
     line on stderr and exit code 2; anything else is a bug and keeps its traceback (see
-    ``models.local_ray.run_command``)."""
+    ``runtime.local_ray.run_command``)."""
     args = build_parser().parse_args(argv)
     return run_command(args.handler, args)
 

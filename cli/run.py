@@ -16,14 +16,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from data.dataset import detect_layout, resolve_data_path
+from data.download import DownloadError, download_medmnist
 from evaluation.evaluate import evaluate
-from models.config import load_config
-from models.dataset import detect_layout, resolve_data_path
-from models.download import DownloadError, download_medmnist
-from models.local_ray import resolve_address
-from models.paths import default_cache_dir, display_path
+from runtime.config import load_config
+from runtime.local_ray import resolve_address
+from runtime.paths import default_cache_dir, display_path
 from serving.client import classify
-from serving.ingress import claim_port, set_ingress_environment
+from serving.http_proxy import claim_port, set_ingress_environment
 from serving.launch import APP_NAME, serve_forever, serve_model
 from tuning.config import CONFIG_DIR, TuneConfig
 from tuning.ensemble import resolve_experiment

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data.dataset import DataSplits, Split, load_splits, stratified_subset
+from data.film_checks import FilmChecks
+from data.pipeline import make_dataset
+from data.preprocessing import InputContract
 from evaluation.borderline import firm_report, fit_band
 from evaluation.films import fit_checks
 from evaluation.metrics import PLATEAU_TOLERANCE, sensitivity_threshold, youden_plateau, youden_threshold
@@ -20,18 +24,15 @@ from evaluation.report import build_report, ood_report, write_report
 from evaluation.stability import FilmMoves, film_moves, stability_report
 from models.borderline import BorderlineBand
 from models.calibration import Calibration, fit_platt
-from models.config import TrainConfig, from_dict
-from models.dataset import DataSplits, Split, load_splits, stratified_subset
-from models.errors import PneumoniaError
-from models.film_checks import FilmChecks
+from models.config import TrainConfig
 from models.inference import Predictor, batch_predictor
 from models.ood import OodGate, OodScorer, fit_gate, with_embedding
 from models.package import PackageMetadata, file_sha256, load_model_dir, package_versions, write_package
 from models.package_store import publish
-from models.paths import display_path
-from models.pipeline import make_dataset
-from models.preprocessing import InputContract
-from models.runtime import configure_tensorflow
+from runtime.config import from_dict
+from runtime.errors import PneumoniaError
+from runtime.paths import display_path
+from runtime.tensorflow_setup import configure_tensorflow
 
 PREDICT_BATCH_SIZE = 64
 
@@ -66,7 +67,7 @@ class EvaluationOptions:
     calibrate: bool = True  # Platt scaling fitted on validation
     ood_method: str = "mahalanobis"  # see models.ood; "none" = no gate
     ood_quantile: float = 0.995  # the gate's threshold: this quantile of the validation films' scores
-    film_checks: bool = True  # checks before the model (models.film_checks), fitted on training films
+    film_checks: bool = True  # checks before the model (data.film_checks), fitted on training films
     stability: bool = True  # re-encode every validation and test film benignly; report how far P moves
     borderline: bool = True  # with stability: the borderline band fitted on validation's moves (evaluation.borderline)
 

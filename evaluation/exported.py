@@ -19,11 +19,12 @@ from pathlib import Path
 from evaluation.evaluate import EvaluationError, EvaluationOptions, fit_film_checks, load_evaluation_data
 from evaluation.films import split_refusals
 from evaluation.stability import stability_report
-from models.config import TrainConfig, from_dict
+from models.config import TrainConfig
 from models.inference import batch_predictor, recorded_runtime
 from models.ood import with_embedding
 from models.package import load_model_dir, load_ood_scorer, read_metadata, utc_now, verify_model_dir, write_package
-from models.runtime import configure_tensorflow
+from runtime.config import from_dict
+from runtime.tensorflow_setup import configure_tensorflow
 
 
 def add_film_checks(package_dir: str | Path, data: str | None = None, artifacts_dir: str | Path = "artifacts",

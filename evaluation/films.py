@@ -1,6 +1,6 @@
-"""The checks before the model (``models.film_checks``) in an evaluation: fitted on training films, applied to
+"""The checks before the model (``data.film_checks``) in an evaluation: fitted on training films, applied to
 validation, test and the out-of-distribution set exactly as the endpoint applies them (the same decoder, the
-same ``models.film_checks.model_input``)."""
+same ``data.film_checks.model_input``)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from models.dataset import Split
-from models.film_checks import FilmChecks, NotAFilm, fit_film_checks, model_input
-from models.preprocessing import decode_image, preprocess
+from data.dataset import Split
+from data.film_checks import FilmChecks, NotAFilm, fit_film_checks, model_input
+from data.preprocessing import decode_image, preprocess
 
 
 def stored_films(split: Split) -> Iterator[np.ndarray]:

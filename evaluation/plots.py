@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data.dataset import CLASS_NAMES
 from evaluation.metrics import youden_curve
-from models.dataset import CLASS_NAMES
 
 
 def _figure():

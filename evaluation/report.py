@@ -1,7 +1,7 @@
 """The evaluation report: ``report.json``, ``predictions.csv``, the plots and the model card of one evaluation.
 
 Paths in a report are written relative to the working directory, or under ``~``, so a committed report does
-not show the machine it was made on (``models.paths.display_path``).
+not show the machine it was made on (``runtime.paths.display_path``).
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+from data.dataset import CLASS_NAMES, DataSplits, Split
+from data.film_checks import FilmChecks
+from data.preprocessing import decode_image, preprocess
 from evaluation.films import refusal_reason, split_refusals
 from evaluation.metrics import binary_report, bootstrap_intervals, subgroup_rates
 from evaluation.model_card import render
 from evaluation.ood_set import ood_images, read_gray
 from evaluation.plots import write_plots, write_validation_plots
-from models.dataset import CLASS_NAMES, DataSplits, Split
-from models.film_checks import FilmChecks
 from models.package import utc_now
-from models.paths import display_path
-from models.preprocessing import decode_image, preprocess
+from runtime.paths import display_path
 
 BOOTSTRAP_RESAMPLES = 1000
 
@@ -123,7 +123,7 @@ def _counts(refused_by: list[str | None]) -> dict[str, int]:
 
 
 def ood_report(model, splits: DataSplits, contract, scores, ood: tuple | None, checks: FilmChecks | None) -> dict:
-    """What the endpoint refuses, as it refuses it: the film checks first (``models.film_checks``), then the
+    """What the endpoint refuses, as it refuses it: the film checks first (``data.film_checks``), then the
     gate (``ood``: (scorer, gate)). On in-distribution films (validation, test: refusing many of them is a
     failure) and on the check set (``evaluation.ood_set``): per kind, how many are refused and by what, and
     the AUROC of the gate's score against the test films."""

@@ -3,8 +3,8 @@ reader would see?
 
 A hospital's PACS, a browser or a client library re-encodes films all the time; a clinician who gets two
 answers for one film stops trusting the tool. Each film is re-encoded benignly (``PERTURBATIONS``), every
-version goes through the endpoint's own path (bytes -> ``models.preprocessing.decode_image`` ->
-``models.film_checks.model_input`` -> the served model and calibration), and the change in P against the
+version goes through the endpoint's own path (bytes -> ``data.preprocessing.decode_image`` ->
+``data.film_checks.model_input`` -> the served model and calibration), and the change in P against the
 film's own bytes is reported: mean, 99th percentile and largest |change|, and how many labels flip at the
 package's threshold; with the package's borderline band (``models.borderline``), how many films are answered
 firm and how many of those flip. No label of the data is read, only the images.
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data.dataset import Split
+from data.film_checks import model_input
+from data.preprocessing import decode_image
 from models.borderline import BorderlineBand
-from models.dataset import Split
-from models.film_checks import model_input
-from models.preprocessing import decode_image
 
 # name -> what it does to a film (its pixels as Pillow decodes its bytes, 8-bit grey or RGB)
 PERTURBATIONS = {

@@ -1,3 +1,2 @@
-"""Networks, their input preprocessing, dataset reading and the model package format; no HTTP. Ray appears only in
-``models.local_ray`` (the Ray a process starts or joins and its clean stop, shared by tuning and serving), imported
-inside its functions."""
+"""The networks (one module per family under ``models/families/``, listed by ``models.registry``), their weights,
+the model package format and the inference call; no Ray, no data reading, no process set-up."""

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-POOL_LAYER = "pool"  # both families end their feature extractor with GlobalAveragePooling2D(name="pool")
+from models.head import POOL_LAYER
 
 
 def feature_maps(model):

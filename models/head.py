@@ -1,19 +1,29 @@
-"""What every model family shares: the classification head it ends in, and a pretrained backbone's weights
-read from a file (or a plain error saying why they cannot be had)."""
+"""What every model family shares: the pooling layer its feature extractor ends in, the classification head
+on it, and a pretrained backbone's weights read from a file (or a plain error saying why they cannot be had)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from models.config import ModelConfig
-from models.errors import PneumoniaError
+from runtime.errors import PneumoniaError
+
+# Every family pools its last feature maps with :func:`pool`: Grad-CAM (models.gradcam) takes the maps going in,
+# the OOD gate (models.ood) the pooled embedding coming out, both by this name.
+POOL_LAYER = "pool"
 
 
 class WeightsUnavailableError(PneumoniaError):
     """Pretrained weights were asked for but cannot be had."""
 
 
-def head(x, config: ModelConfig):
+def pool(features):
+    """Global average pooling of a family's last feature maps, under the name Grad-CAM and the OOD gate look for."""
+    import keras
+
+    return keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(features)
+
+
+def head(x, config):
     """Dropout, dense, dropout, and the float32 sigmoid P(PNEUMONIA) on pooled features ``x``."""
     import keras
 

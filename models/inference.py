@@ -126,8 +126,8 @@ def disagreement(reference: Any, candidate: Any) -> float:
 
 
 def default_threads() -> int:
-    """The replica's or process's TensorFlow intra-op threads (``models.runtime.configure_tensorflow``)."""
-    from models.runtime import available_cpus, import_tensorflow
+    """The replica's or process's TensorFlow intra-op threads (``runtime.tensorflow_setup.configure_tensorflow``)."""
+    from runtime.tensorflow_setup import available_cpus, import_tensorflow
 
     return import_tensorflow().config.threading.get_intra_op_parallelism_threads() or available_cpus()
 

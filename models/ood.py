@@ -23,25 +23,26 @@ from pathlib import Path
 
 import numpy as np
 
-FEATURE_LAYER = "pool"  # every family ends its feature extractor with GlobalAveragePooling2D(name="pool")
+from models.head import POOL_LAYER
+
 METHODS = ("mahalanobis", "knn", "msp", "energy")
 KNN_K = 10
 
 
 def with_embedding(model):
     """``model`` with two outputs, [P(PNEUMONIA), embedding], sharing its weights: one call gives both. An
-    ensemble (members nested, no "pool" of its own) averages its members' probabilities, as it does alone,
+    ensemble (members nested, no pooling layer of its own) averages its members' probabilities, as it does alone,
     and concatenates their embeddings."""
     import keras
 
     members = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    if members and not any(layer.name == FEATURE_LAYER for layer in model.layers):
+    if members and not any(layer.name == POOL_LAYER for layer in model.layers):
         image = keras.Input(model.input_shape[1:], name="image")
         outputs = [with_embedding(member)(image) for member in members]
         probability = keras.layers.Average(name="pneumonia_probability", dtype="float32")([o[0] for o in outputs])
         embedding = keras.layers.Concatenate(name="embedding", dtype="float32")([o[1] for o in outputs])
         return keras.Model(image, [probability, embedding], name=f"{model.name}_with_embedding")
-    features = keras.layers.Activation("linear", dtype="float32", name="embedding")(model.get_layer(FEATURE_LAYER).output)
+    features = keras.layers.Activation("linear", dtype="float32", name="embedding")(model.get_layer(POOL_LAYER).output)
     return keras.Model(model.inputs, [model.output, features], name=f"{model.name}_with_embedding")
 
 

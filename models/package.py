@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from data.dataset import CLASS_NAMES
+from data.film_checks import FilmChecks
+from data.preprocessing import InputContract
 from models.borderline import BorderlineBand
 from models.calibration import Calibration
-from models.config import ConfigError, from_dict
-from models.dataset import CLASS_NAMES
-from models.errors import PneumoniaError
-from models.film_checks import FilmChecks
 from models.ood import OodGate, OodScorer
-from models.preprocessing import InputContract
+from runtime.config import ConfigError, from_dict
+from runtime.errors import PneumoniaError
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"

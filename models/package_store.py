@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 from models.package import CHECKSUM_FILE, PackageError, verify_model_dir
-from models.paths import default_cache_dir
+from runtime.paths import default_cache_dir
 
 PACKAGES = "packages"  # the folder of published packages, beside the experiments in a storage path
 

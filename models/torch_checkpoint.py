@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import PneumoniaError
+from runtime.errors import PneumoniaError
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001

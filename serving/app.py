@@ -23,7 +23,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
-from models.runtime import configure_tensorflow
+from runtime.tensorflow_setup import configure_tensorflow
 from serving.metrics import EndpointMetrics
 from serving.schema import PREDICT_REQUEST, Health, Metadata, Prediction, errors
 from serving.service import ClassifierService, Refused

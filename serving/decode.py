@@ -7,8 +7,8 @@ import io
 
 import numpy as np
 
-from models.film_checks import FilmChecks, model_input
-from models.preprocessing import decode_image
+from data.film_checks import FilmChecks, model_input
+from data.preprocessing import decode_image
 
 IMAGE_TYPES = {"image/jpeg": "JPEG", "image/png": "PNG"}
 DICOM_TYPE = "application/dicom"
@@ -68,7 +68,7 @@ def decode_request(body: bytes, content_type: str, image_size: int, max_pixels: 
                    intensity: str = "none", checks: FilmChecks | None = None) -> np.ndarray:
     """Request bytes -> the model input (S, S, 1) float32, through the training preprocessing (the package's
     input contract gives ``image_size`` and ``intensity``); ``checks`` (the package's) raise
-    ``models.film_checks.NotAFilm`` for a decodable image that is not a film."""
+    ``data.film_checks.NotAFilm`` for a decodable image that is not a film."""
     if not body:
         raise InvalidImage("empty request body: send the image bytes")
     pixels = _dicom_pixels(body, max_pixels) if content_type == DICOM_TYPE else _decoded(body, content_type, max_pixels)

@@ -8,11 +8,11 @@ have no ``maxconn``, so HAProxy forwards every request at once and the replica t
 it may drop more than the bound, as it yields to its event loop between counting and checking).
 
 Ray does take the binary from ``RAY_SERVE_HAPROXY_BINARY_PATH`` and talks to HAProxy only through its admin
-socket, so ``serving.ingress.set_ingress_environment`` points that setting at a wrapper in the run's HAProxy
+socket, so ``serving.http_proxy.set_ingress_environment`` points that setting at a wrapper in the run's HAProxy
 directory (:func:`write_wrapper`) that calls :func:`main`: it rewrites the config Ray passes with ``-f``, in
 place and under the lock Ray writes that file under, then execs the real HAProxy (``$PNEUMONIA_HAPROXY_BINARY``)
 with Ray's arguments unchanged. The process keeps its pid (Ray reloads it with ``-sf PID``) and its command line
-(Ray and ``serving.ingress`` know their HAProxy by its config path). Two rewrites:
+(Ray and ``serving.http_proxy`` know their HAProxy by its config path). Two rewrites:
 
 - :func:`loopback_config`: the stats and Prometheus binds on 127.0.0.1. A config in which either section's bind
   line is not found is not started: HAProxy would otherwise put the page on every interface.

@@ -7,10 +7,10 @@ import os
 import time
 from collections.abc import Callable
 
-from models.local_ray import joined_cluster, on_stop, resolve_address, start_ray, stop_ray
 from models.package import verify_model_dir
 from models.package_store import check_published, is_uri
-from serving.ingress import claim_port, set_ingress_environment, start_watchdog, stop_haproxy
+from runtime.local_ray import joined_cluster, on_stop, resolve_address, start_ray, stop_ray
+from serving.http_proxy import claim_port, set_ingress_environment, start_watchdog, stop_haproxy
 from serving.package_source import runtime_env
 
 APP_NAME = "pneumonia"  # the Serve application `pneumonia serve` and `pneumonia run` deploy
@@ -22,7 +22,7 @@ def serve_model(package: str, replicas: int = 0, address: str | None = None, hos
     """Deploy ``package`` (a local folder, or a package URI in storage: ``s3://.../packages/VERSION``); returns
     the endpoint URL. A local folder given to a cluster this process joins is shipped to the replicas' nodes in
     this job's ``runtime_env`` (``serving.package_source``). With ``block`` it serves until Ctrl-C or SIGTERM, then
-    stops (``models.local_ray.stop_ray``). A ``host`` beyond loopback needs ``$PNEUMONIA_API_TOKEN`` or
+    stops (``runtime.local_ray.stop_ray``). A ``host`` beyond loopback needs ``$PNEUMONIA_API_TOKEN`` or
     ``allow_unauthenticated`` (refused before Ray starts; a warning line when allowed)."""
     from serving.settings import TOKEN_ENV, ServeSettings  # pydantic (60 ms): kept off `pneumonia --help`
 
@@ -67,7 +67,7 @@ def serve_model(package: str, replicas: int = 0, address: str | None = None, hos
 
 
 def serve_forever(log: Callable[[str], None] = print) -> None:
-    """Serve until Ctrl-C or SIGTERM (``models.runtime.install_stop_handlers``), then stop: a local Ray and its
+    """Serve until Ctrl-C or SIGTERM (``runtime.tensorflow_setup.install_stop_handlers``), then stop: a local Ray and its
     HAProxy go down with this process; on a joined cluster this application is deleted and the cluster stays."""
     log("serving until Ctrl-C")
     try:
@@ -80,7 +80,7 @@ def serve_forever(log: Callable[[str], None] = print) -> None:
 
 def remove_from_joined_cluster(log: Callable[[str], None] = print) -> None:
     """On a cluster this process joined, delete this application (ours only: the cluster and its other
-    applications stay); a local Ray goes down whole with :func:`models.local_ray.stop_ray`."""
+    applications stay); a local Ray goes down whole with :func:`runtime.local_ray.stop_ray`."""
     from ray import serve
 
     joined = joined_cluster()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from fastapi import HTTPException, Request
 
-from models.film_checks import REASONS, FilmChecks, NotAFilm
+from data.film_checks import REASONS, FilmChecks, NotAFilm
 from models.gradcam import gradcam
 from models.inference import batch_predictor, recorded_runtime
 from models.ood import OodScorer, with_embedding
@@ -65,7 +65,7 @@ class OutOfDistribution(Refused):
 
 
 class NotAChestFilm(Refused):
-    """A check before the model refused the image (``models.film_checks``): blank, too small, a strip, inverted.
+    """A check before the model refused the image (``data.film_checks``): blank, too small, a strip, inverted.
     Not overridden by ``?force=true``: there is no film to classify."""
 
     def __init__(self, refused: NotAFilm):

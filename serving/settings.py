@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.errors import PneumoniaError
+from runtime.errors import PneumoniaError
 
 TOKEN_ENV = "PNEUMONIA_API_TOKEN"
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 2}  # target_ongoing_requests: max_batch_size (a full batch)

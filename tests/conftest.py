@@ -11,7 +11,7 @@ from PIL import Image
 
 REAL_DATA = os.environ.get("PNEUMONIA_DATA", "")
 # Every Ray the tests start (in-process, `ray start` nodes, the CLI's subprocesses) runs its workers at normal
-# priority, as the project's own local Ray does (models.local_ray.start_ray): at Ray's default nice 15 a busy
+# priority, as the project's own local Ray does (runtime.local_ray.start_ray): at Ray's default nice 15 a busy
 # machine starves them (issue 23), and a suite that passes only on an idle machine is a flaky one.
 os.environ.setdefault("RAY_worker_niceness", "0")
 

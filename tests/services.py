@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from serving.ingress import free_port
+from serving.http_proxy import free_port
 
 BIN = Path(sys.executable).parent
 

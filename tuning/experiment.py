@@ -9,9 +9,9 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from models.errors import PneumoniaError
 from models.package import METRIC
-from models.paths import default_cache_dir
+from runtime.errors import PneumoniaError
+from runtime.paths import default_cache_dir
 from tuning.config import TuneConfig
 
 BEST_SO_FAR = f"best_{METRIC}"  # a trial's best epoch so far: what Optuna learns from (it keeps the last report)

@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from models.config import load_config, to_dict
-from models.local_ray import resolve_address, run_command, start_ray
 from models.package import METRIC, MODE, read_metadata
-from models.paths import default_cache_dir
+from runtime.config import load_config, to_dict
+from runtime.local_ray import resolve_address, run_command, start_ray
+from runtime.paths import default_cache_dir
 from tuning.config import TuneConfig
 from tuning.dashboard import watch_lines
 from tuning.experiment import (
@@ -186,7 +186,7 @@ def run_search(config: TuneConfig, address: str | None = None, resume: bool = Fa
     import ray
     from ray import tune
 
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C / SIGTERM stop at once (see models.runtime)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Ctrl-C / SIGTERM stop at once (see runtime.tensorflow_setup)
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no boxes; tuning.progress reports
     import optuna
 

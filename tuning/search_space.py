@@ -8,14 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.networks import LITE_FAMILIES
+from models.registry import families, family
 from tuning.config import SearchSpace
-
-
-def _family_prefix(family: str) -> str:
-    """The prefix of a family's own Optuna parameters: ``cnn.``, ``inception.``, ``lite.`` (all Lite sizes)."""
-    return "lite" if family in LITE_FAMILIES else family
-
 
 CUE_AUGMENTATIONS = ("augment_black_level", "augment_gamma", "augment_blur", "augment_noise")
 
@@ -29,9 +23,9 @@ class DefineByRun:
 
     def __call__(self, trial) -> dict[str, Any]:
         space = self.space
-        family = trial.suggest_categorical("model.family", list(space.families))
+        name = trial.suggest_categorical("model.family", list(space.families))
         params: dict[str, Any] = {
-            "model.family": family,
+            "model.family": name,
             "learning_rate": trial.suggest_float("learning_rate", *space.learning_rate, log=True),
             "batch_size": trial.suggest_categorical("batch_size", list(space.batch_sizes)),
             "optimizer": trial.suggest_categorical("optimizer", list(space.optimizers)),
@@ -43,33 +37,18 @@ class DefineByRun:
             "data.class_balance": trial.suggest_categorical("data.class_balance", ["class_weight", "oversample"]),
             "data.intensity": trial.suggest_categorical("data.intensity", list(space.intensity)),
         }
-        for name in CUE_AUGMENTATIONS:  # [0, 0] in the config = off, not searched
-            low, high = getattr(space, name)
-            params[f"data.{name}"] = trial.suggest_float(f"data.{name}", low, high) if high > low else low
-        if family == "cnn":
-            params["model.image_size"] = trial.suggest_categorical("cnn.image_size", list(space.cnn_image_sizes))
-            params["model.depth"] = trial.suggest_int("model.depth", *space.cnn_depth)
-            params["model.base_filters"] = trial.suggest_categorical("model.base_filters", list(space.cnn_base_filters))
-            params["model.separable"] = trial.suggest_categorical("model.separable", [False, True])
-        elif family == "inception":
-            params["model.image_size"] = trial.suggest_categorical(
-                "inception.image_size", list(space.inception_image_sizes))
-            params["model.trainable_blocks"] = trial.suggest_categorical(
-                "model.trainable_blocks", list(space.inception_trainable_blocks))
-        else:  # an EfficientNet-Lite: ImageNet weights (space.lite_weights), partly fine-tuned
-            params["model.image_size"] = trial.suggest_categorical("lite.image_size", list(space.lite_image_sizes))
-            params["model.trainable_blocks"] = trial.suggest_categorical(
-                "lite.trainable_blocks", list(space.lite_trainable_blocks))
-            params["model.weights"] = space.lite_weights
-        return params
+        for cue in CUE_AUGMENTATIONS:  # [0, 0] in the config = off, not searched
+            low, high = getattr(space, cue)
+            params[f"data.{cue}"] = trial.suggest_float(f"data.{cue}", low, high) if high > low else low
+        return {**params, **family(name).suggest(trial, space.section(name))}  # the family's own: models/families/
 
 
 def random_space(space: SearchSpace) -> dict[str, Any]:
-    """The same space as Tune domains, for the random-search baseline (families sampled uniformly;
-    family-specific keys are sampled for every trial and ignored by the other family)."""
+    """The same space as Tune domains, for the random-search baseline (families sampled uniformly; each
+    family's own keys, ``<its prefix>.<field>``, are sampled for every trial and used by that family alone)."""
     from ray import tune
 
-    return {
+    shared = {
         "model.family": tune.choice(list(space.families)),
         "learning_rate": tune.loguniform(*space.learning_rate),
         "batch_size": tune.choice(list(space.batch_sizes)),
@@ -80,32 +59,26 @@ def random_space(space: SearchSpace) -> dict[str, Any]:
         "label_smoothing": tune.uniform(0.0, space.label_smoothing),
         "data.augment": tune.uniform(*space.augment),
         "data.class_balance": tune.choice(["class_weight", "oversample"]),
-        "cnn.image_size": tune.choice(list(space.cnn_image_sizes)),
-        "inception.image_size": tune.choice(list(space.inception_image_sizes)),
-        "model.depth": tune.randint(space.cnn_depth[0], space.cnn_depth[1] + 1),
-        "model.base_filters": tune.choice(list(space.cnn_base_filters)),
-        "model.separable": tune.choice([False, True]),
-        "model.trainable_blocks": tune.choice(list(space.inception_trainable_blocks)),
-        "lite.image_size": tune.choice(list(space.lite_image_sizes)),
-        "lite.trainable_blocks": tune.choice(list(space.lite_trainable_blocks)),
         "data.intensity": tune.choice(list(space.intensity)),
-        **{f"data.{name}": tune.uniform(*getattr(space, name)) for name in CUE_AUGMENTATIONS},
+        **{f"data.{cue}": tune.uniform(*getattr(space, cue)) for cue in CUE_AUGMENTATIONS},
     }
+    own = {}
+    for name in space.families:
+        own.update(family(name).domains(space.section(name)))
+    return {**shared, **own}
 
 
-def to_overrides(params: dict[str, Any], lite_weights: str = "imagenet") -> list[str]:
-    """Sampled parameters -> ``key=value`` overrides of TrainConfig (the family picks its own image size and,
-    for a Lite, its trainable blocks and weights; the other families' keys are dropped)."""
-    params = dict(params)
-    family = params.get("model.family", "cnn")
-    prefix = _family_prefix(family)
-    size = params.pop(f"{prefix}.image_size", None)
-    lite_blocks = params.pop("lite.trainable_blocks", None)
-    for key in ("cnn.image_size", "inception.image_size", "lite.image_size"):
-        params.pop(key, None)
-    if size is not None:
-        params["model.image_size"] = size
-    if prefix == "lite" and lite_blocks is not None:
-        params["model.trainable_blocks"] = lite_blocks
-        params.setdefault("model.weights", lite_weights)
-    return [f"{key}={value}" for key, value in params.items()]
+def to_overrides(params: dict[str, Any]) -> list[str]:
+    """Sampled parameters -> ``key=value`` overrides of TrainConfig: the trial's family's own keys
+    (``lite.image_size``) become ``model.`` keys (``model.image_size``), other families' are dropped."""
+    prefixes = {declared.prefix for declared in families().values()}
+    chosen = family(params.get("model.family", "cnn")).prefix
+    overrides = []
+    for key, value in params.items():
+        prefix, _, field = key.partition(".")
+        if prefix in prefixes:
+            if prefix != chosen:
+                continue
+            key = f"model.{field}"
+        overrides.append(f"{key}={value}")
+    return overrides

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from models.config import TrainConfig, to_dict
-from models.dataset import DataSplits, load_splits
-from models.networks import build_model
+from data.dataset import DataSplits, load_splits
+from data.pipeline import Augmentation, class_weights, make_dataset
+from data.preprocessing import InputContract
+from models.config import TrainConfig
 from models.package import METRIC, MODE, PackageMetadata, save_model_dir
-from models.pipeline import Augmentation, class_weights, make_dataset
-from models.preprocessing import InputContract
-from models.runtime import configure_tensorflow
+from models.registry import build_model, precision_workload
+from runtime.config import to_dict
+from runtime.tensorflow_setup import configure_tensorflow
 
 VAL_BATCH_SIZE = 64
 
@@ -162,7 +163,7 @@ def fit(
     weights of the epoch with the best validation AUC."""
     import keras
 
-    runtime = runtime or configure_tensorflow(config.threads, config.mixed_precision, config.model)
+    runtime = runtime or configure_tensorflow(config.threads, config.mixed_precision, precision_workload(config.model))
     keras.utils.set_random_seed(config.seed)
     splits = splits or load_data(config)
     d, m = config.data, config.model

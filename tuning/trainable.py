@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models.config import TrainConfig, apply_overrides, from_dict
+from models.config import TrainConfig
 from models.package import METRIC, load_model_dir, save_model_dir
-from models.runtime import configure_tensorflow
+from models.registry import precision_workload
+from runtime.config import apply_overrides, from_dict
+from runtime.tensorflow_setup import configure_tensorflow
 from tuning.experiment import BEST_SO_FAR
 from tuning.search_space import to_overrides
 from tuning.train import FitResult, fit, load_data, model_metadata, trained_weights_in_model
@@ -108,7 +110,7 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
     config = dataclasses.replace(config, name=f"{config.model.family}-{tune.get_context().get_trial_id()}")
     log(f"trial {config.name}: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
     # Threads and GPU memory growth before any TF op; fractional GPUs then share a card.
-    runtime = configure_tensorflow(_trial_cpus(), config.mixed_precision, config.model)
+    runtime = configure_tensorflow(_trial_cpus(), config.mixed_precision, precision_workload(config.model))
     log(f"precision: {runtime['precision']} ({runtime['precision_reason']})")
     splits = load_data(config)
     model, state = None, TrialState()

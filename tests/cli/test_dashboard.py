@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cli.main import main
-from serving.ingress import free_port
+from serving.http_proxy import free_port
 from tests.services import BIN, group_alive, stop_group
 from tests.tuning.test_search import TINY_SEARCH
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.ingress import free_port
+from serving.http_proxy import free_port
 from tests.numerics import PROBABILITY_ABS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ from ray import serve
 from cli.run import run_end_to_end
 data, storage, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
 overrides = ["num_samples=2", "max_concurrent=2", "train.epochs=1", "grace_period=1", "space.families=[cnn]",
-             "space.cnn_image_sizes=[32]", "space.cnn_depth=[2,2]", "space.cnn_base_filters=[4]",
+             "space.cnn.image_sizes=[32]", "space.cnn.depth=[2,2]", "space.cnn.base_filters=[4]",
              "points_to_evaluate=[]", f"storage_path={storage}", "train.data.max_train_images=0",
              "train.mixed_precision=float32", "ensemble=2"]
 try:
@@ -78,7 +78,7 @@ def test_job_submitted_to_a_cluster_serves_what_the_evaluation_predicted(real_da
     try:
         port = free_port()
         sets = ["num_samples=2", "max_concurrent=2", "train.epochs=1", "grace_period=1",
-                "space.cnn_image_sizes=[64]", "space.inception_image_sizes=[75]", "space.cnn_depth=[3,4]",
+                "space.cnn.image_sizes=[64]", "space.inception.image_sizes=[75]", "space.cnn.depth=[3,4]",
                 "points_to_evaluate=[{model.family: cnn}, {model.family: inception}]",
                 "train.data.max_train_images=600", "train.mixed_precision=float32", f"storage_path={tmp_path}/results"]
         command = [str(BIN / "pneumonia"), "run", "--data", str(real_data.resolve()), "--port", str(port),

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.config import load_config
-from serving.ingress import free_port
+from runtime.config import load_config
+from serving.http_proxy import free_port
 from serving.settings import TOKEN_ENV, ServeSettings, ServeSettingsError
 from tests.services import BIN, group_alive
 from tuning.config import TuneConfig

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cli.main import main
-from serving.ingress import free_port
+from serving.http_proxy import free_port
 from tests.numerics import PROBABILITY_ABS
 from tests.services import BIN, LocalRayCluster, MotoS3, stop_group
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serving.ingress import free_port
+from serving.http_proxy import free_port
 from tests.conftest import REAL_DATA, write_split
 from tests.services import BIN, group_alive, stop_group, stop_ray_node
 
@@ -103,7 +103,7 @@ def test_ray_up_and_ray_submit_a_tiny_search(sshd, tmp_path):
         assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
         storage = tmp_path / "results"
         sets = ["num_samples=2", "max_concurrent=2", "train.epochs=1", "grace_period=1", "space.families=[cnn]",
-                "space.cnn_image_sizes=[64]", "space.cnn_depth=[2,3]", "space.cnn_base_filters=[8]",
+                "space.cnn.image_sizes=[64]", "space.cnn.depth=[2,3]", "space.cnn.base_filters=[8]",
                 "train.data.max_train_images=96", "train.data.max_val_images=64", "points_to_evaluate=[]",
                 f"storage_path={storage}", "name=submitted", "unique_name=false", "train.mixed_precision=float32"]
         submit = subprocess.run(

@@ -246,11 +246,11 @@ def test_package_reloads_in_a_fresh_process_and_reproduces_predictions(trained, 
     (package,) = (tmp_path / "artifacts").iterdir()
     script = (
         "import sys, csv\n"
-        "from models.dataset import load_splits\n"
+        "from data.dataset import load_splits\n"
         "from models.package import load_model_dir\n"
         "from evaluation.evaluate import predict_split\n"
-        "from models.paths import display_path\n"
-        "from models.runtime import configure_tensorflow\n"
+        "from runtime.paths import display_path\n"
+        "from runtime.tensorflow_setup import configure_tensorflow\n"
         "configure_tensorflow(0, 'float32')\n"  # the evaluation's threads: the same kernels, the same floats
         "model, meta = load_model_dir(sys.argv[1])\n"
         "test = load_splits(sys.argv[2]).test\n"

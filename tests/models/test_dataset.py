@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cli.main import main
-from models.dataset import DataLayoutError, Split, block_split, load_splits, patient_id, series_number, subgroup
+from data.dataset import DataLayoutError, Split, block_split, load_splits, patient_id, series_number, subgroup
 from tests.conftest import write_split
 
 
@@ -204,12 +204,12 @@ def test_block_validation_on_the_real_data_sits_next_to_the_test_block(real_data
 
 
 def test_the_unreadable_file_check_is_remembered_until_a_file_changes(mendeley_dir, tmp_path, monkeypatch):
-    import models.dataset
+    import data.dataset
 
     monkeypatch.setenv("PNEUMONIA_CACHE", str(tmp_path / "cache"))
     assert load_splits(mendeley_dir).unreadable == ()
     decoded = []
-    monkeypatch.setattr(models.dataset, "find_unreadable", lambda paths: decoded.append(paths) or [])
+    monkeypatch.setattr(data.dataset, "find_unreadable", lambda paths: decoded.append(paths) or [])
     assert load_splits(mendeley_dir).unreadable == ()
     assert decoded == []  # the same files: not decoded again
     victim = next((mendeley_dir / "train" / "NORMAL").iterdir())

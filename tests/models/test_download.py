@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from cli.main import main
-from models.dataset import load_splits
-from models.download import DownloadError, download_medmnist, fetch, unpack_zip
+from data.dataset import load_splits
+from data.download import DownloadError, download_medmnist, fetch, unpack_zip
 from tests.conftest import write_split
 
 

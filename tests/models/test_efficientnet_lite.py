@@ -18,9 +18,9 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from models import efficientnet_lite as lite
 from models.config import ModelConfig
-from models.efficientnet_lite import (
+from models.families import efficientnet_lite as lite
+from models.families.efficientnet_lite import (
     LITE_VARIANTS,
     ConversionError,
     build_efficientnet_lite,

@@ -4,8 +4,8 @@ images with a reason, pass the films, and leave the model input bit for bit what
 import numpy as np
 import pytest
 
-from models.film_checks import NotAFilm, fit_film_checks, inversion_score, model_input
-from models.preprocessing import preprocess
+from data.film_checks import NotAFilm, fit_film_checks, inversion_score, model_input
+from data.preprocessing import preprocess
 
 SIZE = 32
 

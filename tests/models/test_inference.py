@@ -6,8 +6,8 @@ import pytest
 
 from models.config import ModelConfig
 from models.inference import KerasPredictor, OnnxPredictor, batch_predictor, recorded_runtime
-from models.networks import build_model
 from models.ood import with_embedding
+from models.registry import build_model
 from tests.numerics import PROBABILITY_ABS
 
 

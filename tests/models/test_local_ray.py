@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import os, ray
-from models.local_ray import start_ray, stop_ray
+from runtime.local_ray import start_ray, stop_ray
 assert start_ray() is True
 print("NICE", ray.get(ray.remote(lambda: os.nice(0)).remote()))
 stop_ray()

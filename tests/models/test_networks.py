@@ -8,10 +8,11 @@ import keras
 import numpy as np
 import pytest
 
-from models.config import ConfigError, ModelConfig, TrainConfig, load_config
+from models.config import ModelConfig, TrainConfig
 from models.head import WeightsUnavailableError
-from models.networks import build_model
 from models.package import PackageError, PackageMetadata, load_model_dir, save_model_dir
+from models.registry import build_model
+from runtime.config import ConfigError, load_config
 from tuning.train import compile_model
 
 
@@ -109,7 +110,7 @@ def test_imagenet_weights_offline_say_so_and_name_the_alternatives(tmp_path):
     """Keras' real download path, with the network cut (a proxy on a closed loopback port)."""
     code = (
         "from models.config import ModelConfig\n"
-        "from models.networks import build_model\n"
+        "from models.registry import build_model\n"
         "build_model(ModelConfig(family='inception', image_size=75, weights='imagenet'))\n"
     )
     env = {**os.environ, "KERAS_HOME": str(tmp_path), "HTTPS_PROXY": "http://127.0.0.1:9",
@@ -146,7 +147,7 @@ def test_model_config_refuses_bad_values():
         load_config(ModelConfig, overrides=["family=inception", "image_size=64"])
     with pytest.raises(ConfigError, match="trainable_blocks must lie in -1..7 for efficientnet_lite1"):
         load_config(ModelConfig, overrides=["family=efficientnet_lite1", "trainable_blocks=8"])
-    with pytest.raises(ConfigError, match="'resnet' is not one of"):
+    with pytest.raises(ConfigError, match="unknown model family 'resnet'"):
         load_config(ModelConfig, overrides=["family=resnet"])
     with pytest.raises(ConfigError, match="unknown key depht"):
         load_config(ModelConfig, overrides=["depht=3"])

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from models.config import ModelConfig
-from models.networks import build_model
 from models.ood import METHODS, OodScorer, fit_gate, fit_scorer, with_embedding
+from models.registry import build_model
 
 
 def test_one_call_gives_the_same_probability_and_the_pooled_embedding():

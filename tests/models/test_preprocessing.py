@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.dataset import load_splits
-from models.pipeline import class_weights, make_dataset
-from models.preprocessing import decode_image, preprocess
+from data.dataset import load_splits
+from data.pipeline import class_weights, make_dataset
+from data.preprocessing import decode_image, preprocess
 
 
 def _encode(array: np.ndarray, fmt: str, mode: str | None = None) -> bytes:
@@ -119,7 +119,7 @@ def test_serving_decodes_exactly_as_the_pipeline_preprocesses(mendeley_dir, meth
 def test_cue_breaking_augmentations_change_what_they_claim():
     import tensorflow as tf
 
-    from models.pipeline import Augmentation, augment_batch, tone_jitter
+    from data.pipeline import Augmentation, augment_batch, tone_jitter
 
     dark = tf.zeros((64, 8, 8, 1))
     lifted = tone_jitter(dark, black_level=0.1, gamma=0.0, seed=1).numpy()
@@ -143,8 +143,8 @@ def test_jpeg_re_encoding_changes_the_share_of_films_asked_by_what_jpeg_loses():
     import tensorflow as tf
     from PIL import Image
 
-    from models.dataset import Split
-    from models.pipeline import Augmentation, jpeg_reencode, make_dataset
+    from data.dataset import Split
+    from data.pipeline import Augmentation, jpeg_reencode, make_dataset
 
     film = tf.random.uniform((48, 48, 1), seed=5)
     assert np.array_equal(jpeg_reencode(0.0, seed=1)(film).numpy(), film.numpy())
@@ -172,7 +172,7 @@ def test_jpeg_re_encoding_changes_the_share_of_films_asked_by_what_jpeg_loses():
 @pytest.mark.parametrize("shape, dtype", [((50, 40), np.uint8), ((37, 61, 1), np.uint16), ((224, 224, 3), np.float32),
                                           ((90, 120, 4), np.uint8), ((300, 200, 3), np.uint8)])
 def test_one_image_as_a_graph_is_the_eager_preprocessing_bit_for_bit(shape, dtype):
-    from models.preprocessing import preprocess_one
+    from data.preprocessing import preprocess_one
 
     rng = np.random.default_rng(sum(shape))
     image = rng.random(shape, dtype=np.float32) if dtype == np.float32 else \

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from cli.main import main
-from serving.ingress import free_port
+from serving.http_proxy import free_port
 from serving.settings import haproxy_queue
 from tests.numerics import OOD_SCORE_REL, PROBABILITY_ABS
 
@@ -75,7 +75,7 @@ def endpoint(package):
 
     from serving.app import build_app
     from serving.haproxy_wrapper import QUEUE_ENV
-    from serving.ingress import (
+    from serving.http_proxy import (
         HAPROXY_ENV,
         HAPROXY_PATHS,
         HAPROXY_PORTS,
@@ -183,8 +183,8 @@ def test_a_2000px_upscale_is_served_exactly_as_offline_and_close_to_the_original
     the original film it can only be close, not equal: resampling 224 -> 2000 -> S changes the pixels."""
     import tensorflow as tf
 
+    from data.preprocessing import decode_image, preprocess
     from models.package import load_model_dir
-    from models.preprocessing import decode_image, preprocess
 
     with open(package[1]) as f:
         row = next(csv.DictReader(f))
@@ -438,9 +438,9 @@ def test_the_endpoint_refuses_what_the_evaluation_refused_for_the_same_reason_an
     replica answers after each refusal."""
     from ray import serve
 
+    from data.film_checks import REASONS
     from evaluation.ood_set import ood_images, read_gray
     from evaluation.report import OOD_CHEST_FILMS
-    from models.film_checks import REASONS
     from serving.app import build_app
 
     package, report = gated
@@ -450,7 +450,7 @@ def test_the_endpoint_refuses_what_the_evaluation_refused_for_the_same_reason_an
     gate = metadata["ood"]
     assert gate["method"] == "mahalanobis" and gate["threshold"] == report["ood"]["threshold"]
     assert metadata["film_checks"]["min_side"] == report["ood"]["film_checks"]["min_side"]
-    from models.dataset import load_splits
+    from data.dataset import load_splits
 
     stored = json.loads((package / "metadata.json").read_text())
     val = load_splits(stored["config"]["data"]["path"]).val
@@ -544,9 +544,9 @@ def test_every_metric_is_exported_where_ray_exports_its_own_and_a_full_queue_ans
     import ray
     from ray import serve
 
+    from data.dataset import load_splits
     from evaluation.ood_set import ood_images, read_gray
     from evaluation.report import OOD_CHEST_FILMS
-    from models.dataset import load_splits
     from serving.app import build_app
 
     ongoing, queued, retry_after = METERED_QUEUE  # kept by HAProxy too (the endpoint fixture)

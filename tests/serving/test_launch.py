@@ -9,18 +9,18 @@ import subprocess
 
 import pytest
 
-import serving.ingress
+import serving.http_proxy
 from cli.main import main
-from models.config import ConfigError
+from runtime.config import ConfigError
 from serving.haproxy_wrapper import QUEUE_ENV, REAL_BINARY_ENV, loopback_config, rewrite, write_wrapper
-from serving.ingress import HAPROXY_ENV, HAPROXY_PATHS, HAPROXY_PORTS, PROXY_PATIENCE_ENV, set_ingress_environment
+from serving.http_proxy import HAPROXY_ENV, HAPROXY_PATHS, HAPROXY_PORTS, PROXY_PATIENCE_ENV, set_ingress_environment
 from serving.settings import TOKEN_ENV, ServeSettings, ServeSettingsError, haproxy_queue
 
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
     """No RAY_SERVE_* settings, and whatever the test sets removed after it; HAProxy's directories under tmp_path."""
-    monkeypatch.setattr(serving.ingress, "HAPROXY_ROOT", str(tmp_path / "pneumonia-haproxy"))
+    monkeypatch.setattr(serving.http_proxy, "HAPROXY_ROOT", str(tmp_path / "pneumonia-haproxy"))
     for key in [*HAPROXY_ENV, *HAPROXY_PORTS, *HAPROXY_PATHS, *PROXY_PATIENCE_ENV, "RAY_SERVE_HAPROXY_BINARY_PATH",
                 REAL_BINARY_ENV, QUEUE_ENV]:
         monkeypatch.setenv(key, "")  # records the value before the test (or its absence), restored after it
@@ -29,15 +29,15 @@ def clean_env(monkeypatch, tmp_path):
 
 
 def test_ray_serve_bundles_an_haproxy_binary(clean_env):
-    binary = serving.ingress.haproxy_binary()
+    binary = serving.http_proxy.haproxy_binary()
     assert binary and os.access(binary, os.X_OK)
 
 
 def test_auto_picks_haproxy_only_when_there_is_a_binary(clean_env, tmp_path):
-    clean_env.setattr(serving.ingress, "haproxy_binary", lambda: None)
+    clean_env.setattr(serving.http_proxy, "haproxy_binary", lambda: None)
     assert set_ingress_environment("auto") == "python"
     assert not any(key in os.environ for key in HAPROXY_ENV)
-    clean_env.setattr(serving.ingress, "haproxy_binary", lambda: str(tmp_path / "haproxy"))
+    clean_env.setattr(serving.http_proxy, "haproxy_binary", lambda: str(tmp_path / "haproxy"))
     assert set_ingress_environment("auto", 8000) == "haproxy"
     assert all(os.environ[key] == "1" for key in HAPROXY_ENV)
     # Ray runs the loopback wrapper in the port's own directory; it execs the binary found before
@@ -60,7 +60,7 @@ def test_either_ingress_gives_the_proxy_time_to_start_on_a_busy_machine_unless_t
 
 
 def test_asking_for_haproxy_without_a_binary_says_how_to_get_one(clean_env, capsys):
-    clean_env.setattr(serving.ingress, "haproxy_binary", lambda: None)
+    clean_env.setattr(serving.http_proxy, "haproxy_binary", lambda: None)
     with pytest.raises(ConfigError, match="apt install haproxy"):
         set_ingress_environment("haproxy")
     with pytest.raises(ConfigError, match="ingress must be one of"):
@@ -71,9 +71,9 @@ def test_asking_for_haproxy_without_a_binary_says_how_to_get_one(clean_env, caps
 
 
 def test_the_haproxy_behind_the_wrapper_is_the_real_one(clean_env, tmp_path):
-    real = serving.ingress.haproxy_binary()
+    real = serving.http_proxy.haproxy_binary()
     set_ingress_environment("haproxy", 8000)
-    assert serving.ingress.haproxy_binary() == real == os.environ[REAL_BINARY_ENV]  # never the wrapper itself
+    assert serving.http_proxy.haproxy_binary() == real == os.environ[REAL_BINARY_ENV]  # never the wrapper itself
     set_ingress_environment("haproxy", 8000)  # a second call (pneumonia run, then its serve) keeps it
     assert os.environ[REAL_BINARY_ENV] == real
 
@@ -149,7 +149,7 @@ def test_haproxy_keeps_the_bound_of_the_applications_given_it_and_its_config_sta
     assert "timeout queue" not in bounded.split("backend http-other\n")[1]
     config = tmp_path / "bounded.cfg"
     config.write_text(bounded)
-    checked = subprocess.run([serving.ingress.haproxy_binary(), "-c", "-f", str(config)], capture_output=True,
+    checked = subprocess.run([serving.http_proxy.haproxy_binary(), "-c", "-f", str(config)], capture_output=True,
                              text=True, timeout=60, check=False)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert rewrite(text, None) == loopback_config(text)  # an unbounded endpoint: HAProxy bounds nothing
@@ -224,7 +224,7 @@ def test_a_real_haproxy_refuses_at_once_what_would_wait_too_long_and_answers_a_r
     import urllib.request
 
     from serving.haproxy_wrapper import bounded_config, parse_queues
-    from serving.ingress import free_port
+    from serving.http_proxy import free_port
 
     replica = _HeldServer()
     port, admin = free_port(), str(tmp_path / "admin.sock")
@@ -237,7 +237,7 @@ def test_a_real_haproxy_refuses_at_once_what_would_wait_too_long_and_answers_a_r
         f"frontend http_frontend\n    bind 127.0.0.1:{port}\n    use_backend http-pneumonia\n"
         f"backend http-pneumonia\n    server SERVE_REPLICA_pneumonia-Classifier-0 127.0.0.1:{replica.port}\n",
         parse_queues(haproxy_queue("pneumonia", 1, 8, 1, 4000, 1))))
-    haproxy = subprocess.Popen([serving.ingress.haproxy_binary(), "-db", "-f", str(config)], start_new_session=True,
+    haproxy = subprocess.Popen([serving.http_proxy.haproxy_binary(), "-db", "-f", str(config)], start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     answers: dict[str, tuple] = {}
 
@@ -312,7 +312,7 @@ def test_the_queue_bound_reaches_haproxy_only_through_the_haproxy_ingress(clean_
 
 @pytest.fixture
 def signal_handlers():
-    """main() installs its stop handlers (models.runtime): the test process gets its own back."""
+    """main() installs its stop handlers (runtime.tensorflow_setup): the test process gets its own back."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     yield
     for sig, handler in saved.items():

@@ -295,8 +295,8 @@ def test_a_package_is_served_by_the_runtime_that_computed_its_numbers(recorded, 
     """A package the evaluation scored with ONNX Runtime is served with it; one made before packages recorded
     their runtime, by Keras, which scored it. The answers are the model's either way."""
     from models.config import ModelConfig
-    from models.networks import build_model
     from models.ood import with_embedding
+    from models.registry import build_model
 
     model = build_model(ModelConfig(family="cnn", image_size=SIZE, depth=2, base_filters=4, dense_units=8))
     metadata = PackageMetadata.for_training({}, SIZE).replace(version="v", threshold=0.5, runtime=recorded)
@@ -311,7 +311,7 @@ def test_a_package_is_served_by_the_runtime_that_computed_its_numbers(recorded, 
 
 def test_serving_a_package_by_another_runtime_than_its_own_is_logged(monkeypatch, caplog):
     from models.config import ModelConfig
-    from models.networks import build_model
+    from models.registry import build_model
 
     monkeypatch.setenv("PNEUMONIA_INFERENCE_RUNTIME", "keras")
     model = build_model(ModelConfig(family="cnn", image_size=SIZE, depth=2, base_filters=4, dense_units=8))

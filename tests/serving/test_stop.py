@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from cli.main import main
-from serving.ingress import free_port, our_haproxy
+from serving.http_proxy import free_port, our_haproxy
 from serving.settings import is_loopback
 from tests.services import BIN, LocalRayCluster, group_alive, stop_group
 
@@ -126,7 +126,7 @@ def _check_listening(pid: int, session: Path, port: int) -> None:
     """Nothing of the run listens beyond 127.0.0.1 (the host asked for) but Ray's token-protected gRPC servers:
     Ray 2.60 binds a Serve replica's inter-deployment gRPC server to [::]. HAProxy's stats page and Prometheus
     exporter are on loopback (serving/haproxy_wrapper.py), as are the local Ray's Prometheus servers and agents
-    (models.local_ray.loopback_node)."""
+    (runtime.local_ray.loopback_node)."""
     sockets = _listening(pid, session, port)
     print("\n".join(f"listening {address}:{number}  {process}" for address, number, process in sockets))
     assert ("127.0.0.1", port) in {(address, number) for address, number, _ in sockets}  # the endpoint
@@ -217,7 +217,7 @@ def test_sigterm_stops_a_serving_pneumonia_serve_and_leaves_nothing(package, rec
 def test_sigterm_stops_pneumonia_run_in_its_search_and_leaves_nothing(package, tmp_path):
     port = free_port()
     sets = ["num_samples=4", "max_concurrent=2", "train.epochs=200", "grace_period=200", "space.families=[cnn]",
-            "space.cnn_image_sizes=[32]", "space.cnn_depth=[2,2]", "space.cnn_base_filters=[4]",
+            "space.cnn.image_sizes=[32]", "space.cnn.depth=[2,2]", "space.cnn.base_filters=[4]",
             "points_to_evaluate=[]", f"storage_path={tmp_path / 'results'}", "train.mixed_precision=float32"]
     process, temp, log = _start(["run", "--data", str(package[1]), "--port", str(port),
                                  *[a for s in sets for a in ("--set", s)]], tmp_path, "run")

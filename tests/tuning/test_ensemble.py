@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from models.config import ModelConfig, TrainConfig, to_dict
-from models.networks import build_model
+from models.config import ModelConfig, TrainConfig
 from models.package import EnsembleMember, PackageMetadata, load_model_dir, save_model_dir
+from models.registry import build_model
+from runtime.config import to_dict
 from tuning.config import TuneConfig
 from tuning.ensemble import build_ensemble
 
@@ -50,7 +51,7 @@ def test_gradcam_of_an_ensemble_is_the_mean_of_its_members_maps(tmp_path):
 
 
 def test_ensemble_size_is_validated():
-    from models.config import ConfigError, load_config
+    from runtime.config import ConfigError, load_config
 
     assert TuneConfig().ensemble == 1
     with pytest.raises((ConfigError, ValueError), match="ensemble must be >= 1"):

@@ -3,7 +3,7 @@ even while a trial is still writing them."""
 
 import pytest
 
-from models.config import load_config
+from runtime.config import load_config
 from tuning.config import TuneConfig
 from tuning.experiment import (
     SearchError,

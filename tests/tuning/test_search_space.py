@@ -3,7 +3,7 @@
 import optuna
 import pytest
 
-from models.config import ConfigError, load_config
+from runtime.config import ConfigError, load_config
 from tuning.config import TuneConfig
 from tuning.experiment import StorageError, check_storage, join_uri, study_storage_url
 from tuning.search_space import DefineByRun, random_space, to_overrides
@@ -22,7 +22,7 @@ def test_define_by_run_picks_a_family_then_only_its_parameters():
         seen.add(family)
         if family == "cnn":
             assert "model.depth" in params and "model.trainable_blocks" not in params
-            assert params["model.image_size"] in config.space.cnn_image_sizes
+            assert params["model.image_size"] in config.space.cnn.image_sizes
         else:
             assert "model.trainable_blocks" in params and "model.depth" not in params
             assert params["model.image_size"] >= 75
@@ -35,8 +35,8 @@ def test_define_by_run_picks_a_family_then_only_its_parameters():
 
 def test_the_pretrained_family_samples_its_own_sizes_blocks_and_imagenet_weights():
     config = load_config(TuneConfig, overrides=[
-        "space.families=[efficientnet_lite0, cnn]", "space.lite_image_sizes=[160, 224]",
-        "space.lite_trainable_blocks=[1, 3]", "space.intensity=[none, percentile, equalize]",
+        "space.families=[efficientnet_lite0, cnn]", "space.lite.image_sizes=[160, 224]",
+        "space.lite.trainable_blocks=[1, 3]", "space.intensity=[none, percentile, equalize]",
         "space.augment_gamma=[0.0, 0.4]", "space.augment_black_level=[0.0, 0.1]", "space.optimizers=[adamw, adam]"])
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0), direction="maximize")
     seen = set()
@@ -55,7 +55,8 @@ def test_the_pretrained_family_samples_its_own_sizes_blocks_and_imagenet_weights
     assert {intensity for _, intensity in seen} == {"none", "percentile", "equalize"}
     # the random baseline resolves a Lite trial's own keys the same way
     sampled = {"model.family": "efficientnet_lite1", "lite.image_size": 192, "lite.trainable_blocks": 2,
-               "cnn.image_size": 64, "inception.image_size": 96, "model.trainable_blocks": 8}
+               "lite.weights": "imagenet", "cnn.image_size": 64, "inception.image_size": 96,
+               "inception.trainable_blocks": 8}
     trained = trial_config({}, sampled)
     assert (trained.model.image_size, trained.model.trainable_blocks, trained.model.weights) == (192, 2, "imagenet")
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from cli.main import main
-from models.config import TrainConfig, load_config
+from data.pipeline import make_dataset
+from models.config import TrainConfig
 from models.package import load_model_dir
-from models.pipeline import make_dataset
+from runtime.config import load_config
 
 TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8",
         "batch_size=8", "mixed_precision=float32"]
@@ -60,7 +61,7 @@ def test_train_config_file_plus_overrides(tmp_path):
     "args, message",
     [
         (["--set", "epochz=3"], "unknown key epochz"),
-        (["--set", "model.family=vgg"], "'vgg' is not one of"),
+        (["--set", "model.family=vgg"], "unknown model family 'vgg'"),
         (["--set", "batch_size=big"], "batch_size: expected an integer"),
         (["--set", "epochs"], "not of the form key=value"),
         (["--config", "/nonexistent.yaml"], "config file not found"),
@@ -88,7 +89,7 @@ def test_warm_up_rises_linearly_to_the_learning_rate_then_cosine_decays_to_one_p
 def test_with_ema_the_kept_weights_are_the_average_and_a_checkpoint_resumes_from_the_trained_ones(npz_file):
     import keras
 
-    from models.networks import build_model
+    from models.registry import build_model
     from tuning.train import fit, load_data, trained_weights_in_model
 
     def trained(ema: float):
@@ -133,7 +134,7 @@ def test_training_on_npz_with_oversampling(npz_file, tmp_path):
 
 def test_mixed_precision_auto_trains_in_the_precision_measured_faster_and_says_why(mendeley_dir, tmp_path,
                                                                                       monkeypatch):
-    from models.precision import cpu_supports_bfloat16
+    from runtime.precision import cpu_supports_bfloat16
 
     monkeypatch.setenv("PNEUMONIA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "m"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from models.errors import PneumoniaError
-from models.paths import default_cache_dir
+from runtime.errors import PneumoniaError
+from runtime.paths import default_cache_dir
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 EXPECTED_LAYOUT = (

@@ -10,6 +10,7 @@ a CPU without bfloat16 instructions float32, unmeasured.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,17 +19,29 @@ import time
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from models.config import ModelConfig
-from models.networks import build_model
-from models.paths import default_cache_dir
+from runtime.paths import default_cache_dir
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 MEASURE_BATCH = 16
 MEASURE_STEPS = 3
-Measurer = Callable[[ModelConfig], dict[str, float]]  # model -> training images/s per precision
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What ``auto`` measures: a network to train (``models.registry.precision_workload`` makes one from a
+    ModelConfig), and what decides which precision trains it faster (``key``: its family's layers)."""
+
+    key: dict
+    image_size: int
+    build: Callable[[], Any]  # a fresh uncompiled Keras model under Keras' current dtype policy
+    description: str  # "efficientnet_lite0 at 224 px"
+
+
+Measurer = Callable[[Workload], dict[str, float]]  # workload -> training images/s per precision
 
 
 @lru_cache(maxsize=1)
@@ -55,7 +68,7 @@ def cpu_supports_bfloat16() -> bool:
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
-def compare_precisions(model: ModelConfig, precisions: tuple[str, ...] = ("float32", "bfloat16"),
+def compare_precisions(model: Workload, precisions: tuple[str, ...] = ("float32", "bfloat16"),
                        batch_size: int = MEASURE_BATCH, steps: int = MEASURE_STEPS, rounds: int = 3,
                        warmup: int = 2) -> dict[str, float]:
     """Training images/s of ``model`` under each precision: one network per precision, ``train_on_batch`` on
@@ -72,7 +85,7 @@ def compare_precisions(model: ModelConfig, precisions: tuple[str, ...] = ("float
     try:
         for precision in precisions:
             keras.mixed_precision.set_dtype_policy("float32" if precision == "float32" else f"mixed_{precision}")
-            network = build_model(model)
+            network = model.build()
             network.compile(optimizer=keras.optimizers.AdamW(1e-3), loss="binary_crossentropy", jit_compile=False)
             for _ in range(warmup):
                 network.train_on_batch(x, y)
@@ -89,17 +102,15 @@ def compare_precisions(model: ModelConfig, precisions: tuple[str, ...] = ("float
     return rates
 
 
-def measurement_key(model: ModelConfig) -> dict:
-    """What decides which precision is faster: the layers (family, size, how much trains, separable
-    convolutions), the CPU and the TensorFlow build."""
+def measurement_key(model: Workload) -> dict:
+    """What decides which precision is faster: the layers (family, size, how much trains, what else the family
+    names), the CPU and the TensorFlow build."""
     import tensorflow as tf
 
-    return {"family": model.family, "image_size": model.image_size, "trainable_blocks": model.trainable_blocks,
-            "separable": model.separable if model.family == "cnn" else None, "cpu": cpu_model(),
-            "tensorflow": tf.__version__}
+    return {**model.key, "cpu": cpu_model(), "tensorflow": tf.__version__}
 
 
-def choose_precision(model: ModelConfig | None, measure: Measurer | None = None,
+def choose_precision(model: Workload | None, measure: Measurer | None = None,
                      cache_dir: Path | None = None) -> tuple[str, str]:
     """(precision, why) for ``auto``: float16 on a GPU, float32 on a CPU without bfloat16 math, else whichever
     of float32 and bfloat16 trains ``model`` faster here, measured once and cached."""
@@ -127,7 +138,7 @@ def choose_precision(model: ModelConfig | None, measure: Measurer | None = None,
         partial.replace(path)
         cached = False
     rates = known["images_per_sec"]
-    why = (f"auto: {known['precision']} trained {model.family} at {model.image_size} px faster here "
+    why = (f"auto: {known['precision']} trained {model.description} faster here "
            f"(float32 {rates['float32']:.1f}, bfloat16 {rates['bfloat16']:.1f} images/s"
            f"{', measured ' + known['measured_at'] + ', cached in ' + str(path) if cached else ', just measured'})")
     return known["precision"], why

@@ -18,8 +18,8 @@ import socket
 import sys
 from collections.abc import Callable
 
-from models.errors import PneumoniaError
-from models.runtime import install_stop_handlers, quiet_tensorflow
+from runtime.errors import PneumoniaError
+from runtime.tensorflow_setup import install_stop_handlers, quiet_tensorflow
 
 _state = {"owned": False, "on_stop": [], "joined": None, "dashboard": None}
 WORKER_NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet when it starts a worker process
@@ -195,7 +195,7 @@ def run_command(command: Callable[..., int], *args) -> int:
     except PneumoniaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # the first Ctrl-C or SIGTERM (models.runtime.install_stop_handlers)
+    except KeyboardInterrupt:  # the first Ctrl-C or SIGTERM (runtime.tensorflow_setup.install_stop_handlers)
         joined = joined_cluster()
         if "ray" in sys.modules:  # a command that never started Ray (`pneumonia dashboard`) stops at once
             stop_ray()

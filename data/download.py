@@ -14,9 +14,9 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from models.dataset import detect_layout
-from models.errors import PneumoniaError
-from models.paths import default_cache_dir
+from data.dataset import detect_layout
+from runtime.errors import PneumoniaError
+from runtime.paths import default_cache_dir
 
 # MedMNIST v2 (MedMNIST+ sizes), Zenodo record 10519652; MD5 sums as published by the medmnist package.
 MEDMNIST_FILES = {

@@ -126,7 +126,7 @@ def model_input(image, image_size: int, intensity: str = "none", checks: FilmChe
     the one preprocessing; with ``checks``, raises :class:`NotAFilm` first for an image that is not a film.
     Equal, bit for bit, to ``preprocess(image, image_size, intensity)``: the checks look at the grey image
     before the intensity normalisation, which is then applied to that same image."""
-    from models.preprocessing import normalize_intensity, preprocess_one
+    from data.preprocessing import normalize_intensity, preprocess_one
 
     gray = preprocess_one(image, image_size)
     if checks is not None:

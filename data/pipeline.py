@@ -7,8 +7,8 @@ from typing import Literal
 
 import numpy as np
 
-from models.dataset import Split
-from models.preprocessing import decode_image, preprocess
+from data.dataset import Split
+from data.preprocessing import decode_image, preprocess
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Serve's HTTP ingress on a machine this process serves from: HAProxy or Serve's Python proxy, and the HAProxy
+"""Which HTTP proxy fronts Serve on a machine this process serves from (HAProxy or Serve's Python proxy), and the HAProxy
 this project starts, found by its own config path, so a stale one is stopped and a taken port is named.
 
 Ray's HAProxy template puts its stats page and Prometheus exporter on all interfaces and bounds no queue; the
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from models.config import ConfigError
+from runtime.config import ConfigError
 from serving.haproxy_wrapper import QUEUE_ENV, REAL_BINARY_ENV, WRAPPER_NAME, write_wrapper
 
 INGRESS_MODES = ("auto", "haproxy", "python")

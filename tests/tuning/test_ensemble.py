@@ -9,7 +9,7 @@ from models.config import ModelConfig, TrainConfig
 from models.package import EnsembleMember, PackageMetadata, load_model_dir, save_model_dir
 from models.registry import build_model
 from runtime.config import to_dict
-from tuning.config import TuneConfig
+from tuning.config import CONFIG_DIR, TuneConfig
 from tuning.ensemble import build_ensemble
 
 SIZE = 32
@@ -56,6 +56,12 @@ def test_ensemble_size_is_validated():
     assert TuneConfig().ensemble == 1
     with pytest.raises((ConfigError, ValueError), match="ensemble must be >= 1"):
         load_config(TuneConfig, overrides=["ensemble=0"])
+    with pytest.raises(ConfigError, match=r"ensemble \(6\) cannot exceed seeds \(5\)"):
+        load_config(TuneConfig, CONFIG_DIR / "seed-ensemble.yaml", ["ensemble=6"])
+    with pytest.raises(ConfigError, match="stop_after_epochs in 0..train.epochs"):
+        load_config(TuneConfig, CONFIG_DIR / "seed-ensemble.yaml", ["stop_after_epochs=11"])
+    with pytest.raises(ConfigError, match="target_sensitivity must lie in"):
+        load_config(TuneConfig, overrides=["target_sensitivity=1.5"])
 
 
 def test_evaluate_refuses_an_ensemble_of_zero_or_of_one_model_dir(tmp_path, capsys):

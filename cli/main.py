@@ -132,10 +132,10 @@ def _add_ingress_option(parser: argparse.ArgumentParser) -> None:
                              "proxy), or auto: haproxy when Ray has its binary, as ray[serve] bundles one (default)")
 
 
-def _add_allow_unauthenticated_option(parser: argparse.ArgumentParser) -> None:
+def _add_allow_unauthenticated_option(parser: argparse.ArgumentParser, beyond_loopback: str) -> None:
     parser.add_argument("--allow-unauthenticated", action="store_true",
-                        help="serve beyond loopback (--host 0.0.0.0, or a cluster's Serve listening there) without "
-                             "$PNEUMONIA_API_TOKEN, with a warning; refused otherwise")
+                        help=f"serve beyond loopback ({beyond_loopback}) without $PNEUMONIA_API_TOKEN, with a "
+                             "warning; refused otherwise")
 
 
 def _add_data_commands(commands) -> None:
@@ -247,7 +247,7 @@ def _add_serving_commands(commands) -> None:
                        "$PNEUMONIA_API_TOKEN or --allow-unauthenticated")
     serve.add_argument("--port", type=int, default=8000)
     _add_ingress_option(serve)
-    _add_allow_unauthenticated_option(serve)
+    _add_allow_unauthenticated_option(serve, "--host 0.0.0.0, or a cluster's Serve listening there")
     serve.set_defaults(handler=_serve)
 
     predict = commands.add_parser("predict", help="classify images with a running endpoint")
@@ -267,7 +267,7 @@ def _add_serving_commands(commands) -> None:
                      "recorded on this machine (default: $RAY_ADDRESS, else a new local Ray, serving until Ctrl-C)")
     run.add_argument("--port", type=int, default=8000, help="Serve HTTP port (default 8000)")
     _add_ingress_option(run)
-    _add_allow_unauthenticated_option(run)
+    _add_allow_unauthenticated_option(run, "a cluster's Serve listening beyond 127.0.0.1")
     run.set_defaults(handler=_run)
 
 

@@ -25,12 +25,10 @@ from runtime.paths import default_cache_dir, display_path
 from serving.client import classify
 from serving.http_proxy import claim_port, set_ingress_environment
 from serving.launch import APP_NAME, serve_forever, serve_model
-from tuning.config import CONFIG_DIR, TuneConfig
+from tuning.config import DEFAULT_CONFIG, TuneConfig
 from tuning.ensemble import resolve_experiment
 from tuning.experiment import is_remote, local_storage
 from tuning.search import run_search
-
-DEFAULT_CONFIG = CONFIG_DIR / "quick.yaml"
 
 
 def resolve_data(data: str | None, log: Callable[[str], None]) -> str:

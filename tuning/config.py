@@ -13,6 +13,7 @@ from models.registry import families, family
 from runtime.config import ConfigError
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # the YAML configs shipped with the package
+DEFAULT_CONFIG = CONFIG_DIR / "quick.yaml"  # what `pneumonia run` and `pneumonia tune` search without --config
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from models.package import METRIC
@@ -127,7 +127,7 @@ def name_experiment(config: TuneConfig, resume: bool) -> tuple[TuneConfig, str]:
                               f"{local_storage(config.storage_path)}")
         named = dataclasses.replace(config, name=made[-1])
         return named, f"resuming experiment {made[-1]}" + (" (its Optuna study continues)" * config.uses_optuna)
-    name = f"{config.name}-{datetime.now(timezone.utc):{STAMP}}" if config.unique_name else config.name
+    name = f"{config.name}-{datetime.now(UTC):{STAMP}}" if config.unique_name else config.name
     named = dataclasses.replace(config, name=name)
     if not config.unique_name and name in experiment_names(config):
         raise SearchError(f"experiment {name} already exists under {local_storage(config.storage_path)}: pass --resume "

@@ -24,7 +24,7 @@ from models.package import METRIC, MODE, read_metadata
 from runtime.config import load_config, to_dict
 from runtime.local_ray import resolve_address, run_command, start_ray
 from runtime.paths import default_cache_dir
-from tuning.config import TuneConfig
+from tuning.config import DEFAULT_CONFIG, TuneConfig
 from tuning.dashboard import watch_lines
 from tuning.experiment import (
     BEST_SO_FAR,
@@ -242,7 +242,8 @@ def run_search(config: TuneConfig, address: str | None = None, resume: bool = Fa
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="python -m tuning.search", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML (tuning/configs/quick.yaml, full-cpu.yaml, gpu-cluster.yaml)")
+    parser.add_argument("--config", help="YAML config (default: tuning/configs/quick.yaml, as `pneumonia run`; see "
+                                         "tuning/configs/)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. num_samples=4")
     parser.add_argument("--data", help="data dir or .npz on every node (default: train.data.path, $PNEUMONIA_DATA)")
     parser.add_argument("--address", help="Ray cluster to join: HOST:PORT of its head, or auto for the one `ray start` recorded on this machine (default: $RAY_ADDRESS, else a new local Ray of this command's own)")
@@ -257,7 +258,7 @@ def load_tune_config(args: argparse.Namespace) -> TuneConfig:
     if data:
         # Trials may run on other nodes and in other working dirs: pass an absolute path.
         overrides.append(f"train.data.path={data if '://' in data else Path(data).resolve()}")
-    return load_config(TuneConfig, args.config, overrides)
+    return load_config(TuneConfig, args.config or DEFAULT_CONFIG, overrides)
 
 
 def tune_from_args(args: argparse.Namespace) -> int:

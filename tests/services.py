@@ -22,6 +22,20 @@ from serving.http_proxy import free_port
 BIN = Path(sys.executable).parent
 
 
+def system_binary(name: str, default: str, package: str) -> str:
+    """The path of a system program a test needs (chromium, sshd). Missing, the test is skipped with the reason
+    on a contributor's machine, and fails under ``CI=true``, where ``.ci/run`` installs it."""
+    import pytest
+
+    path = shutil.which(name) or default
+    if not Path(path).exists():
+        why = f"{name} is not installed ({package}; .ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
+
+
 def group_alive(pgid: int) -> bool:
     """Whether any live (non-zombie) process is in process group ``pgid``."""
     for stat in Path("/proc").glob("[0-9]*/stat"):

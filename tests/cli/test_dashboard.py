@@ -20,7 +20,7 @@ import pytest
 
 from cli.main import main
 from serving.http_proxy import free_port
-from tests.services import BIN, group_alive, stop_group
+from tests.services import BIN, group_alive, stop_group, system_binary
 from tests.tuning.test_search import TINY_SEARCH
 
 REPO = Path(__file__).resolve().parents[2]
@@ -149,8 +149,7 @@ def test_a_running_search_shows_in_the_ray_dashboard_and_in_optuna_dashboard_in_
     recording it finished, live, and all of them after the search. Everything started is stopped by its group."""
     from playwright.sync_api import sync_playwright
 
-    chromium = "/usr/bin/chromium"
-    assert Path(chromium).exists(), "chromium is not installed (.ci/run installs Debian's chromium)"
+    chromium = system_binary("chromium", "/usr/bin/chromium", "Debian's chromium")
     token = secrets.token_hex(32)
     (tmp_path / "auth_token").write_text(token)
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "auth_token"), "RAY_ADDRESS": ""}

@@ -21,7 +21,7 @@ import yaml
 
 from serving.http_proxy import free_port
 from tests.conftest import REAL_DATA, write_split
-from tests.services import BIN, group_alive, stop_group, stop_ray_node
+from tests.services import BIN, group_alive, stop_group, stop_ray_node, system_binary
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -34,8 +34,7 @@ def _port_open(port: int) -> bool:
 
 @pytest.fixture
 def sshd(tmp_path):
-    sshd_bin = shutil.which("sshd") or "/usr/sbin/sshd"
-    assert Path(sshd_bin).exists(), "openssh-server is not installed (.ci/run installs it)"
+    sshd_bin = system_binary("sshd", "/usr/sbin/sshd", "openssh-server")
     assert not _port_open(22), "something else already listens on 127.0.0.1:22"
     root = tmp_path / "ssh"
     root.mkdir()
@@ -79,9 +78,9 @@ def test_ray_up_and_ray_submit_a_tiny_search(sshd, tmp_path):
         "min_workers": 0,
         "max_workers": 0,
         "head_start_ray_commands": [
-            f"{env_prefix} setsid {BIN / 'ray'} start --head --block --port {port} --dashboard-port {dashboard} "
-            f"--dashboard-host 127.0.0.1 --temp-dir {temp} --num-cpus 2 --ray-client-server-port 20401 "
-            f"> {tmp_path / 'head.log'} 2>&1 < /dev/null & echo $! > {pgid_file}",
+            (f"{env_prefix} setsid {BIN / 'ray'} start --head --block --port {port} --dashboard-port {dashboard} "
+             f"--dashboard-host 127.0.0.1 --temp-dir {temp} --num-cpus 2 --ray-client-server-port 20401 "
+             f"> {tmp_path / 'head.log'} 2>&1 < /dev/null & echo $! > {pgid_file}"),
             f"until {env_prefix} {BIN / 'ray'} status --address 127.0.0.1:{port} > /dev/null 2>&1; do sleep 1; done",
         ],
         "worker_start_ray_commands": [],

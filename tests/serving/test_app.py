@@ -24,6 +24,7 @@ from cli.main import main
 from serving.http_proxy import free_port
 from serving.settings import haproxy_queue
 from tests.numerics import OOD_SCORE_REL, PROBABILITY_ABS
+from tests.services import system_binary
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-0123"
@@ -277,7 +278,7 @@ def test_bad_input_gets_a_4xx_with_a_reason_and_the_service_stays_up(endpoint, p
 def test_bearer_token_guards_predict_but_not_health(endpoint, package):
     jpeg = next(Path(r["path"]) for r in csv.DictReader(open(package[1]))).read_bytes()
     for token in (None, "wrong-token"):
-        status, answer, headers = _post(endpoint, jpeg, token=token)
+        status, answer, _ = _post(endpoint, jpeg, token=token)
         assert status == 401 and "bearer token" in answer["detail"]
     assert _post(endpoint, jpeg)[0] == 200
     with urllib.request.urlopen(f"{endpoint}/healthz", timeout=30) as response:
@@ -314,12 +315,10 @@ def test_predict_cli_prints_one_line_per_image_and_fails_on_errors(endpoint, pac
 def test_web_page_in_headless_chromium_classifies_an_upload(endpoint, package, tmp_path):
     """Debian's chromium (installed by .ci/run), driven by Playwright; a screenshot lands in the test's tmp_path
     (a test run leaves the checkout as it was)."""
-    import shutil
 
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    assert Path(chromium).exists(), "chromium is not installed (.ci/run installs Debian's chromium)"
+    chromium = system_binary("chromium", "/usr/bin/chromium", "Debian's chromium")
     row = next(r for r in csv.DictReader(open(package[1])) if r["label"] == "PNEUMONIA")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=[

@@ -18,8 +18,8 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 CONFIGS = {  # the families at the sizes the GPU search config uses (tuning/configs/gpu-cluster.yaml)
-    "cnn-224": dict(family="cnn", image_size=224, depth=6, base_filters=32, filter_growth=2.0),
-    "inception-299": dict(family="inception", image_size=299, weights="none", trainable_blocks=-1),
+    "cnn-224": {"family": "cnn", "image_size": 224, "depth": 6, "base_filters": 32, "filter_growth": 2.0},
+    "inception-299": {"family": "inception", "image_size": 299, "weights": "none", "trainable_blocks": -1},
 }
 
 
@@ -66,8 +66,8 @@ def main() -> None:
     print(results["device"], results["backend"], flush=True)
     for name, overrides in CONFIGS.items():
         rows = {p: images_per_sec(name, overrides, p, args.batch_size, args.steps) for p in args.policies.split(",")}
-        for p in rows:
-            rows[p]["over_float32"] = rows[p]["images_per_sec"] / rows["float32"]["images_per_sec"]
+        for row in rows.values():
+            row["over_float32"] = row["images_per_sec"] / rows["float32"]["images_per_sec"]
         results["models"][name] = rows
     if args.json:
         with open(args.json, "w") as f:

@@ -222,7 +222,7 @@ def worker(package: str, threads: int, films: int, seconds: float, image: str, o
             call = make()
             call(inputs[:1])
             row["build_s"] = time.perf_counter() - start
-        except Exception as exc:  # not installed, or the converter refuses the model
+        except Exception as exc:  # noqa: BLE001 - not installed, or the converter refuses the model
             results[name] = {"unavailable": f"{type(exc).__name__}: {str(exc)[:400]}"}
             print(f"  {threads} thread(s) {name}: unavailable ({type(exc).__name__}: {str(exc)[:200]})", flush=True)
             continue

@@ -49,7 +49,7 @@ def operating_points(labels: np.ndarray, probabilities: np.ndarray) -> dict:
     at_half = binary_report(labels, probabilities, 0.5)
     return {"auc": at_95["auc"], "specificity_at_sens95": at_95["specificity"],
             "specificity_at_0.5": at_half["specificity"], "sensitivity_at_0.5": at_half["sensitivity"],
-            "images": int(len(labels))}
+            "images": len(labels)}
 
 
 def train_config(data: str, epochs: int, overrides: list[str]):
@@ -92,7 +92,7 @@ def measure(data: str, epochs: int, models: dict[str, list[str]], only: list[str
             continue
         config = train_config(data, epochs, overrides)
         started = time.time()
-        fitted = fit(config, splits, log=lambda line: print(f"  {name}: {line}", flush=True))
+        fitted = fit(config, splits, log=lambda line, name=name: print(f"  {name}: {line}", flush=True))
         results["models"][name] = {
             "block": operating_points(block.val.labels, predict(fitted.model, block.val, config)),
             "grouped": operating_points(grouped.val.labels, predict(fitted.model, grouped.val, config)),

@@ -174,7 +174,7 @@ def _readable(path: str) -> bool:
                 return False
             image.load()
         return True
-    except Exception:  # any decoder failure means the file cannot be trained on
+    except Exception:  # noqa: BLE001 - any decoder failure means the file cannot be trained on
         return False
 
 

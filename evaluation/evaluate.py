@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +208,7 @@ def export_package(source_dir: Path, metadata: PackageMetadata, report: dict, ar
                    band: BorderlineBand | None = None) -> Path:
     """``artifacts/VERSION``: the evaluated model byte for byte, with the threshold, calibration, OOD gate,
     borderline band and test metrics; its ``runtime`` says which inference runtime computed them (``models.inference``)."""
-    created = datetime.now(timezone.utc)
+    created = datetime.now(UTC)
     version = f"{report['name']}-{created:%Y%m%d%H%M%S}"
     test = report["test"]
     package = metadata.replace(

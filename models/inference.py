@@ -158,7 +158,7 @@ def batch_predictor(model, runtime: str | None = None, threads: int | None = Non
         fast = OnnxPredictor(model, threads or default_threads())
         probe = probe_batch(model.input_shape)
         gap = disagreement(model.predict_on_batch(probe), fast.predict_on_batch(probe))
-    except Exception as exc:  # an ImportError, a conversion or session error: Keras still answers
+    except Exception as exc:  # noqa: BLE001 - an ImportError, a conversion or session error: Keras still answers
         warn(f"ONNX Runtime unavailable for {model.name} ({type(exc).__name__}: {str(exc)[:300]}); "
              f"using Keras' predict_on_batch")
         return KerasPredictor(model)

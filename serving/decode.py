@@ -40,7 +40,7 @@ def _dicom_pixels(body: bytes, max_pixels: int) -> np.ndarray:
     try:
         dataset = pydicom.dcmread(io.BytesIO(body))
         rows, columns = int(dataset.Rows), int(dataset.Columns)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: pydicom raises anything on a malformed file
         raise InvalidImage(f"malformed DICOM: {exc}") from None
     if rows * columns > max_pixels:
         raise InvalidImage(f"image of {columns}x{rows} pixels exceeds the limit of {max_pixels} pixels")
@@ -51,7 +51,7 @@ def _dicom_pixels(body: bytes, max_pixels: int) -> np.ndarray:
         pixels = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset).astype(np.float64)
     except InvalidImage:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the pixel codecs raise anything on malformed data
         raise InvalidImage(f"malformed DICOM pixel data: {exc}") from None
     top = float(2 ** int(getattr(dataset, "BitsStored", 8)) - 1)
     low, high = float(pixels.min()), float(pixels.max())
@@ -91,5 +91,5 @@ def _decoded(body: bytes, content_type: str, max_pixels: int):
         raise InvalidImage(f"the body is {kind} but was sent as {content_type}")
     try:
         return decode_image(body)
-    except Exception as exc:  # a truncated or corrupt stream fails in the decoder
+    except Exception as exc:  # noqa: BLE001 - a truncated or corrupt stream fails in the decoder
         raise InvalidImage(f"the image could not be decoded (truncated or corrupt?): {exc}") from None

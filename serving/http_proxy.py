@@ -159,8 +159,8 @@ def port_holder(port: int, host: str = "127.0.0.1") -> str | None:
         except OSError:
             pass
     for connection in psutil.net_connections(kind="tcp"):
-        if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port:
-            if connection.pid:
+        listening = connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port
+        if listening and connection.pid:
                 try:
                     return f"{psutil.Process(connection.pid).name()} (pid {connection.pid})"
                 except psutil.NoSuchProcess:

@@ -137,7 +137,7 @@ def test_replicas_on_a_node_that_shares_no_disk_serve_a_local_and_a_stored_packa
 
         def serves(package: str, version: str) -> None:
             """Two replicas, one per node, each loaded ``version``; every answer is the offline one."""
-            _wait_for(lambda: (lambda alive: len(alive) == 2 and set(alive) == nodes)(_replica_nodes(cluster)),
+            _wait_for(lambda: len(alive := _replica_nodes(cluster)) == 2 and set(alive) == nodes,
                       "two replicas, one on each node")
             film = Path(films[0]["path"]).read_bytes()
             _wait_for(lambda: all(_post(url, film)[1].get("model_version") == version for _ in range(8)),

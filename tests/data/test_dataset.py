@@ -86,7 +86,7 @@ def test_npz_without_the_medmnist_keys_is_a_clear_error(tmp_path):
 
 
 def test_corrupt_and_non_image_files_are_reported_and_skipped(mendeley_dir):
-    good = sorted((mendeley_dir / "train" / "NORMAL").iterdir())[0]
+    good = min((mendeley_dir / "train" / "NORMAL").iterdir())
     truncated = mendeley_dir / "train" / "NORMAL" / "IM-0900-0001.jpeg"
     truncated.write_bytes(good.read_bytes()[:200])
     text = mendeley_dir / "train" / "PNEUMONIA" / "notes.txt"

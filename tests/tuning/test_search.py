@@ -123,7 +123,7 @@ def test_job_submit_to_two_nodes_with_token_auth_and_s3_storage(cluster, search_
     families = {r["config"]["model.family"] for trial in rows for r in trial}
     assert families == {"cnn", "inception"}
     assert any(trial[-1]["epoch"] < 2 for trial in rows)  # ASHA stopped at least one trial early
-    model, metadata = load_model_dir(best["checkpoint_path"])  # the best checkpoint restores
+    _, metadata = load_model_dir(best["checkpoint_path"])  # the best checkpoint restores
     assert metadata.config["model"]["family"] == best["family"]
 
 

@@ -87,7 +87,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         model_dir, produced_by = args.model, None
     options = EvaluationOptions(args.target_sensitivity, args.threshold_rule, not args.no_calibration, args.ood_method,
-                                args.ood_quantile, not args.no_film_checks, not args.no_stability)
+                                args.ood_quantile, not args.no_film_checks, not args.no_stability,
+                                stability_films=args.stability_films)
     evaluate(model_dir, args.data, args.reports, args.artifacts, args.name, options=options, produced_by=produced_by,
              publish_to=storage)
     return 0
@@ -212,6 +213,9 @@ def _add_model_commands(commands) -> None:
                           "or the training config's name)")
     evaluate.set_defaults(handler=_evaluate)
 
+    evaluate.add_argument("--stability-films", type=int, default=0, metavar="N",
+                          help="measure stability and fit the band on a fixed stratified sample of N films per split "
+                               "(quick runs; default 0: every film)")
     evaluate.add_argument("--no-stability", action="store_true",
                           help="skip the stability measurement and so the borderline band (default: every validation "
                                "and test film re-encoded six benign ways, |change in P| and label flips reported, "

@@ -70,6 +70,7 @@ class EvaluationOptions:
     film_checks: bool = True  # checks before the model (data.film_checks), fitted on training films
     stability: bool = True  # re-encode every validation and test film benignly; report how far P moves
     borderline: bool = True  # with stability: the borderline band fitted on validation's moves (evaluation.borderline)
+    stability_films: int = 0  # > 0: stability and the band on a fixed stratified sample of this many films per split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,13 +283,18 @@ def evaluate(
     if ood is not None or checks is not None:
         report["ood"] = ood_report(served, splits, metadata.input, scores, ood, checks)
     evaluated = metadata.replace(threshold=scores.threshold, calibration=scores.calibration)
-    moves, band = borderline_band(served, evaluated, splits.val, options, log)
+    # every film, or for a quick run a fixed sample (the same films each time)
+    measured = [stratified_subset(split, options.stability_films, seed=0) for split in (splits.val, splits.test)]
+    moves, band = borderline_band(served, evaluated, measured[0], options, log)
     package_dir = export_package(source_dir, metadata, report, Path(artifacts_dir), scores.calibration, ood, checks,
                                  served.runtime, band)
     if options.stability:
         command = f"pneumonia stability --package {display_path(package_dir)} --split val --split test"
-        report["stability"] = stability_report(served, evaluated.replace(borderline=band), [splits.val, splits.test],
-                                               command, log, moves)
+        report["stability"] = stability_report(served, evaluated.replace(borderline=band), measured, command, log,
+                                               moves)
+        if options.stability_films:
+            report["stability"]["sample"] = (f"a fixed stratified sample of at most {options.stability_films} films "
+                                             "per split (stability_films), not every film")
     if band is not None:
         report["borderline"] = {**dataclasses.asdict(band),
                                 **{split.name: firm_report(split.labels, probabilities, scores.threshold, band)

@@ -183,7 +183,8 @@ def stability_lines(report: dict) -> list[str]:
     lines = ["## Stable answers", "",
              "Every film re-encoded in ways a reader would not see, each version sent through the endpoint's own "
              "path; the change in P(pneumonia) against the film's own bytes, and the labels that flip at the "
-             f"threshold. Reproduce: `{stability['command']}`.", "",
+             f"threshold. Reproduce: `{stability['command']}`."
+             + (f" Measured on {stability['sample']}." if stability.get("sample") else ""), "",
              "| films | re-encoding | mean abs(dP) | p99 abs(dP) | max abs(dP) | label flips | among firm answers |",
              "|---|---|---|---|---|---|---|"]
     for split, measured in stability["splits"].items():

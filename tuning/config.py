@@ -130,6 +130,7 @@ class TuneConfig:
     # highest threshold keeping validation sensitivity >= it (`evaluate --target-sensitivity`), else threshold_rule
     threshold_rule: Literal["plateau", "youden"] = "plateau"
     target_sensitivity: float = 0.0
+    stability_films: int = 0  # > 0: the evaluation's stability and borderline band on a fixed sample per split
     # > 0: no search. ``train`` is trained once per seed (train.seed, train.seed + 1, ...), no trial stopped early,
     # and ``ensemble: N`` averages N of them: a seed ensemble of one configuration (space and searcher unused)
     seeds: int = 0

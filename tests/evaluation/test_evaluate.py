@@ -189,6 +189,15 @@ def test_every_evaluation_measures_how_far_answers_move_when_films_are_re_encode
     assert again["firm"] == stability["splits"]["test"]["firm"]
 
 
+def test_a_quick_run_measures_stability_on_a_fixed_sample_and_says_so(trained, mendeley_dir, tmp_path):
+    report, report_dir = _evaluate(trained, mendeley_dir, tmp_path, "--stability-films", "8")
+    stability = report["stability"]
+    assert stability["splits"]["test"]["films"] == stability["splits"]["val"]["films"] == 8
+    assert "sample of at most 8 films" in stability["sample"]
+    assert "Measured on a fixed stratified sample" in (report_dir / "report.md").read_text()
+    assert report["borderline"]["fitted_on"].startswith("val split (8 films")
+
+
 def test_the_borderline_band_is_fitted_on_validation_and_travels_with_the_package(trained, mendeley_dir, tmp_path):
     report, report_dir = _evaluate(trained, mendeley_dir, tmp_path)
     band, stability = report["borderline"], report["stability"]["splits"]

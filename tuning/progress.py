@@ -43,6 +43,7 @@ class SearchProgress(tune.Callback):
         self.live = sys.stdout.isatty() if live is None else live
         self.started = time.time()
         self.running: set[str] = set()
+        self.told: set[str] = set()  # trials whose precision the console has named
         self.done = self.stopped_early = self.errors = 0
         self.best_auc, self.best_trial = -math.inf, ""
         self._display = None
@@ -93,9 +94,12 @@ class SearchProgress(tune.Callback):
         auc = result.get(METRIC, float("nan"))
         if auc > self.best_auc:
             self.best_auc, self.best_trial = auc, trial.trial_id
+        # the precision the trial trains in (mixed_precision: auto measures it), said once, with its first epoch
+        precision = f", {result['precision']}" if result.get("precision") and trial.trial_id not in self.told else ""
+        self.told.add(trial.trial_id)
         self._say(f"{self._name(trial)} epoch {result.get('epoch', '?')}/{self.epochs}: val AUC {auc:.4f}, "
                   f"val acc {result.get('val_accuracy', float('nan')):.3f}, loss {result.get('loss', float('nan')):.4f}, "
-                  f"{result.get('images_per_sec', 0):.0f} img/s")
+                  f"{result.get('images_per_sec', 0):.0f} img/s{precision}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.running.discard(trial.trial_id)

@@ -4,7 +4,8 @@ A CPU's bfloat16 flags do not say which precision is faster: on AVX512-BF16 with
 bfloat16 dense convolutions but no fast bfloat16 depthwise ones, so the CNN trains 1.26x faster in bfloat16
 and EfficientNet-Lite 0.67-0.74x as fast (BENCHMARKS.md, "Precision"). So on such a CPU ``auto`` times a few
 training steps of the configured model in both precisions, in turn, once, and caches the answer per (family,
-image size, trainable part, what else the family names, CPU model, TensorFlow version) in ``<cache>/precision/``. A GPU gets mixed float16 and
+image size, trainable part, what else the family names, CPU model, TensorFlow version) in
+``<cache>/precision/``. A GPU gets mixed float16 and
 a CPU without bfloat16 instructions float32, unmeasured.
 """
 

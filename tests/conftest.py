@@ -16,6 +16,15 @@ REAL_DATA = os.environ.get("PNEUMONIA_DATA", "")
 os.environ.setdefault("RAY_worker_niceness", "0")
 
 
+@pytest.fixture(autouse=True)
+def _fast_tier_guard(request, monkeypatch):
+    """Tests not marked ``services`` or ``slow`` may start no Ray, Serve or server (tests/fast_tier.py)."""
+    from tests import fast_tier
+
+    if not any(request.node.get_closest_marker(mark) for mark in fast_tier.MARKS):
+        fast_tier.install(monkeypatch)
+
+
 def _image(label: int, rng: np.random.Generator, size: int) -> Image.Image:
     """A noisy gray film with a film's layout (a bright column in the middle, as the spine and mediastinum
     are, so a negative of it looks inverted); PNEUMONIA images carry a bright patch so a tiny model can learn

@@ -103,6 +103,7 @@ def test_an_unknown_experiment_is_one_error_line_naming_the_studies_there(tmp_pa
     assert "no Optuna study 'quick-20261127-145222'" in err and "quick-20261201-090000" in err
 
 
+@pytest.mark.services
 def test_dashboard_serves_the_newest_study_while_it_is_written(tmp_path):
     """Without EXPERIMENT it opens the study written last, on 127.0.0.1 only; a trial finished while it serves
     shows within 10 s; a SIGTERM leaves nothing behind."""

@@ -11,6 +11,7 @@ import cli.main
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.services  # runs the search commands (they stop at the mistake, before Ray)
 @pytest.mark.parametrize("entry", [["-m", "tuning.search"], ["-m", "cli.main", "tune"]])
 def test_a_mistake_is_one_line_and_exit_code_2(entry, tmp_path):
     for args, named in ((["--config", str(tmp_path / "missing.yaml")], "config file not found"),

@@ -18,6 +18,7 @@ stop_ray()
 """
 
 
+@pytest.mark.services
 @pytest.mark.parametrize("setting, expected", [(None, 0), ("7", 7)])
 def test_a_local_rays_workers_run_at_normal_priority_unless_the_environment_says(setting, expected):
     """Ray's default is nice 15: beside a busy loop per core a trial trained 40x slower and Serve's proxy missed

@@ -128,6 +128,7 @@ def _rays_config(tmp_path, apps: dict[str, int]) -> str:
     return config.read_text()
 
 
+@pytest.mark.services
 def test_haproxy_keeps_the_bound_of_the_applications_given_it_and_its_config_stays_valid(clean_env, tmp_path):
     """`pneumonia serve`'s queue in HAProxy: at most max_ongoing requests in each replica, a waiting-time budget, a
     length guard per replica, the rest 503 with Retry-After from HAProxy itself; an application not named keeps
@@ -211,6 +212,7 @@ def _haproxy_stat(socket_path: str, backend: str, server: str, field: str) -> in
     raise LookupError(f"{backend}/{server} not in HAProxy's stats")
 
 
+@pytest.mark.services
 def test_a_real_haproxy_refuses_at_once_what_would_wait_too_long_and_answers_a_request_that_waited_out_the_budget(
         tmp_path):
     """One replica (held by the test) taking one request at once, a budget of 4 s: the first request is in the

@@ -63,8 +63,8 @@ def test_pneumonia_train_builds_and_trains_a_family_declared_outside_the_project
 @pytest.mark.slow
 def test_a_one_trial_search_draws_the_new_familys_own_section(search_data, tmp_path):
     sets = ["num_samples=1", "max_concurrent=1", "cpus_per_trial=1", "unique_name=false", "name=toy",
-            f"storage_path={tmp_path}", "space.families=[toy]", "space.toy.image_sizes=[32]", "space.batch_sizes=[16]",
-            "train.epochs=1", "grace_period=1", *[f"train.{item}" for item in SMALL]]
+            f"storage_path={tmp_path}", "space.families=[toy]", "points_to_evaluate=[]", "space.toy.image_sizes=[32]",
+            "space.batch_sizes=[16]", "train.epochs=1", "grace_period=1", *[f"train.{item}" for item in SMALL]]
     _run(["-m", "tuning.search", "--data", search_data, *[arg for item in sets for arg in ("--set", item)]])
     best = json.loads((tmp_path / "toy" / "best.json").read_text())
     assert best["family"] == "toy" and best["config"]["model"]["image_size"] == 32

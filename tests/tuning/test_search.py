@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 TINY_SEARCH = [
-    "max_concurrent=2", "train.epochs=2", "grace_period=1", "reduction_factor=2", "cpus_per_trial=1", "unique_name=false",
+    "space.families=[cnn, inception]", "max_concurrent=2", "train.epochs=2", "grace_period=1", "reduction_factor=2",
+    "cpus_per_trial=1", "unique_name=false",
     "space.cnn.image_sizes=[64]", "space.inception.image_sizes=[75]", "space.inception.trainable_blocks=[0]",
     "space.cnn.depth=[2,3]", "space.cnn.base_filters=[8]", "space.batch_sizes=[32]",
     "train.data.max_train_images=128", "train.data.max_val_images=64", "train.mixed_precision=float32",

@@ -107,7 +107,8 @@ def make_search(config: TuneConfig):
 def make_trainable(config: TuneConfig):
     from ray import tune
 
-    trainable = tune.with_parameters(train_trial, base=to_dict(config.train), checkpoint_every=config.checkpoint_every)
+    trainable = tune.with_parameters(train_trial, base=to_dict(config.train), checkpoint_every=config.checkpoint_every,
+                                     last_epoch=config.epochs_run)
     resources = {"cpu": config.cpus_per_trial}
     if config.gpus_per_trial:
         resources["gpu"] = config.gpus_per_trial

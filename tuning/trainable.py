@@ -61,7 +61,7 @@ def restore_checkpoint(checkpoint):
 
 
 def report_to_tune(config, splits, runtime: dict, state: TrialState, placement: dict, checkpoint_every: int,
-                   entered: float):
+                   entered: float, last_epoch: int):
     """A Keras callback reporting each epoch to Tune, with a checkpoint when validation AUC improves, every
     ``checkpoint_every`` epochs and at the last epoch."""
     import keras
@@ -81,7 +81,7 @@ def report_to_tune(config, splits, runtime: dict, state: TrialState, placement: 
             state.epoch = epoch + 1
             metrics[BEST_SO_FAR] = state.best_auc  # what Optuna learns from
             periodic = checkpoint_every and (epoch + 1) % checkpoint_every == 0
-            if not (improved or periodic or epoch + 1 == config.epochs):
+            if not (improved or periodic or epoch + 1 == last_epoch):
                 tune.report(metrics)
                 return
             result = FitResult(model=self.model, history=state.history, best_epoch=epoch + 1, runtime=runtime)
@@ -100,8 +100,9 @@ def log(line: str) -> None:
         f.write(f"[{time.strftime('%H:%M:%S')}] {line}\n")
 
 
-def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -> None:
-    """Tune entry point: ``tune.with_parameters(train_trial, base=..., checkpoint_every=...)``."""
+def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0, last_epoch: int = 0) -> None:
+    """Tune entry point: ``tune.with_parameters(train_trial, base=..., checkpoint_every=..., last_epoch=...)``;
+    ``last_epoch``: the epoch a trial stops after (a search's ``stop_after_epochs``; 0 = the config's epochs)."""
     import ray
     from ray import tune
 
@@ -117,7 +118,8 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
     if checkpoint := tune.get_checkpoint():
         model, state = restore_checkpoint(checkpoint)
         log(f"resuming trial from its checkpoint at epoch {state.epoch}")
-        if state.epoch >= config.epochs:  # stopped right after its last epoch: nothing left to train
+        # stopped right after its last epoch (Tune's record of the end may not have been saved): nothing to train
+        if state.epoch >= (last_epoch or config.epochs):
             return
     placement = {
         "node_id": ray.get_runtime_context().get_node_id(),
@@ -125,7 +127,8 @@ def train_trial(params: dict[str, Any], base: dict, checkpoint_every: int = 0) -
         "start_epoch": state.epoch,  # > 0 after a restart from a checkpoint
         "precision": runtime["precision"],  # why: the trial's trial.log and its checkpoints' metadata
     }
-    callback = report_to_tune(config, splits, runtime, state, placement, checkpoint_every, entered)
+    callback = report_to_tune(config, splits, runtime, state, placement, checkpoint_every, entered,
+                              last_epoch or config.epochs)
     fit(config, splits, model=model, initial_epoch=state.epoch, callbacks=[callback], runtime=runtime, log=log)
 
 

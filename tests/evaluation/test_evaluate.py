@@ -21,6 +21,7 @@ from evaluation.metrics import (
     youden_threshold,
 )
 from models.package import PackageError, load_model_dir
+from tests.conftest import write_split
 
 TINY = ["model.image_size=32", "model.depth=2", "model.base_filters=4", "model.dense_units=8",
         "batch_size=8", "mixed_precision=float32", "epochs=2"]
@@ -30,11 +31,26 @@ def _sets(items):
     return [arg for item in items for arg in ("--set", item)]
 
 
+@pytest.fixture(scope="module")
+def _trained_once(tmp_path_factory):
+    """One tiny model and its data for the whole module: the evaluations read both and write only under their
+    own tmp_path (reports, artifacts), so training it once per test bought nothing."""
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "chest_xray"
+    write_split(data / "train", patients=12, seed=1)
+    write_split(data / "test", patients=4, seed=2, offset=500)
+    assert main(["train", "--data", str(data), "--output", str(root / "model"), *_sets(TINY)]) == 0
+    return root / "model", data
+
+
 @pytest.fixture
-def trained(mendeley_dir, tmp_path):
-    out = tmp_path / "model"
-    assert main(["train", "--data", str(mendeley_dir), "--output", str(out), *_sets(TINY)]) == 0
-    return out
+def mendeley_dir(_trained_once):
+    return _trained_once[1]
+
+
+@pytest.fixture
+def trained(_trained_once):
+    return _trained_once[0]
 
 
 def _evaluate(model, data, tmp_path, *extra):
